@@ -1,0 +1,83 @@
+"""Click commands, derived from the config dataclasses so flags can never drift from settings.
+
+Flags take either spelling, `--learning-rate` or `--learning_rate`: the second is what
+`mlflow run` passes for undeclared `-P learning_rate=...`, and matches the MLproject names.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import click
+
+from .config import ConfigError, RunConfig, all_fields
+
+TYPES = {"str": str, "int": int, "float": float}
+
+
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def config_options(fn: Callable) -> Callable:
+    for f in reversed(all_fields()):
+        kind = TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
+        choices = f.metadata.get("choices")
+        fn = click.option(option_name(f.name), f.name, type=click.Choice(choices) if choices else kind,
+                          default=f.default, show_default=True, help=f.metadata["help"])(fn)
+    return fn
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            head, sep, tail = arg.partition("=")
+            arg = head.replace("_", "-") + sep + tail
+        out.append(arg)
+    return out
+
+
+def fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.from_flat(values)
+    except ConfigError as exc:
+        fail(exc)
+        raise  # unreachable; keeps type checkers calm
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@config_options
+def train(**values: Any) -> None:
+    """Fine-tune a sequence classifier (full or LoRA) and track everything in MLflow."""
+    cfg = build_config(values)
+    from .experiment import run_experiment
+
+    _quiet_libraries()
+    try:
+        out = run_experiment(cfg)
+    except ConfigError as exc:
+        fail(exc)
+        return
+    click.echo(
+        f"run {out.run_id}: best epoch {out.best_epoch}, val accuracy {out.val['accuracy']:.4f} "
+        f"f1 {out.val['f1']:.4f}; test accuracy {out.test['accuracy']:.4f} f1 {out.test['f1']:.4f}; "
+        f"trainable params {out.trainable_params:,} of {out.total_params:,}"
+    )
+
+
+def _quiet_libraries() -> None:
+    """The expected 'newly initialized classifier' notice and similar chatter hide real output."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def train_main() -> None:
+    train.main(args=normalize_argv(sys.argv[1:]), prog_name="python -m src.train")

@@ -1,0 +1,198 @@
+"""Load -> validate -> split -> tokenize, then length-grouped batches.
+
+Hub datasets and local CSV / JSON lines / Parquet files end up in the same `Splits`; labels of
+any type are mapped to 0..K-1 in sorted order and the mapping travels with the run and the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import ConfigError, DataConfig
+
+LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass
+class Splits:
+    train: pd.DataFrame  # columns: text, label (int 0..K-1)
+    val: pd.DataFrame
+    test: pd.DataFrame
+    labels: list[str]  # id -> name
+    source: str  # where the data came from, for lineage
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels)}
+
+
+def _read_local(path: str) -> pd.DataFrame:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"data file not found: {path}")
+    kind = LOCAL_FORMATS.get(p.suffix.lower())
+    if kind is None:
+        raise ConfigError(f"unsupported data file type {p.suffix!r} for {path}; use .csv, .json, .jsonl or .parquet")
+    try:
+        if kind == "csv":
+            return pd.read_csv(p)
+        if kind == "parquet":
+            return pd.read_parquet(p)
+        try:
+            return pd.read_json(p, lines=True)
+        except ValueError:
+            return pd.read_json(p)
+    except Exception as exc:  # noqa: BLE001 - any parser error becomes one clear line
+        raise ConfigError(f"could not read {path} as {kind}: {str(exc).splitlines()[0]}") from exc
+
+
+def _read_hub(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"could not load hub dataset {name!r} ({str(exc).splitlines()[0]}); "
+                          "offline? pass --train-data and --test-data files instead") from exc
+    if "train" not in ds or "test" not in ds:
+        raise ConfigError(f"hub dataset {name!r} has splits {list(ds)}, needs 'train' and 'test'")
+    return ds["train"].to_pandas(), ds["test"].to_pandas()
+
+
+def _check_columns(df: pd.DataFrame, cfg: DataConfig, where: str) -> pd.DataFrame:
+    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{where} has no column {missing[0]!r} (columns: {', '.join(map(str, df.columns))}); "
+                          f"set --text-column / --label-column")
+    out = df[[cfg.text_column, cfg.label_column]].rename(columns={cfg.text_column: "text", cfg.label_column: "label"})
+    if len(out) == 0:
+        raise ConfigError(f"{where} has no rows")
+    if out["label"].isna().any():
+        raise ConfigError(f"{where} has {int(out['label'].isna().sum())} rows without a label")
+    bad = out["text"].map(lambda t: not isinstance(t, str) or not t.strip())
+    if bad.any():
+        raise ConfigError(f"{where} has {int(bad.sum())} empty or non-text value(s) in column "
+                          f"{cfg.text_column!r}; remove them or pick another --text-column")
+    return out
+
+
+def _label_names(train: pd.DataFrame, test: pd.DataFrame) -> list[str]:
+    values = sorted(train["label"].unique().tolist(), key=lambda v: (str(type(v)), v))
+    if len(values) < 2:
+        raise ConfigError(f"train has a single label ({values[0]!r}); a classifier needs at least two classes")
+    unseen = set(test["label"].unique().tolist()) - set(values)
+    if unseen:
+        raise ConfigError(f"test has label(s) {sorted(map(str, unseen))} never seen in train")
+    return values
+
+
+def _cap(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """A stratified random subset: files are often sorted by label, so head(n) would be one class."""
+    if n == 0 or n >= len(df):
+        return df
+    from sklearn.model_selection import train_test_split
+
+    counts = df["label"].value_counts()
+    stratify = df["label"] if n >= len(counts) and counts.min() >= 2 else None
+    kept, _ = train_test_split(df, train_size=n, stratify=stratify, random_state=seed)
+    return kept
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Everything here is cheap and runs before any model is loaded or MLflow run is created."""
+    if cfg.train_data:
+        train_raw, test_raw = _read_local(cfg.train_data), _read_local(cfg.test_data)
+        source = f"{os.path.abspath(cfg.train_data)},{os.path.abspath(cfg.test_data)}"
+    else:
+        train_raw, test_raw = _read_hub(cfg.dataset)
+        source = f"hf://datasets/{cfg.dataset}"
+    train = _check_columns(train_raw, cfg, "train data")
+    test = _check_columns(test_raw, cfg, "test data")
+    names = _label_names(train, test)
+    mapping = {v: i for i, v in enumerate(names)}
+    train = train.assign(label=train["label"].map(mapping).astype("int64"))
+    test = test.assign(label=test["label"].map(mapping).astype("int64"))
+
+    from sklearn.model_selection import train_test_split
+
+    counts = train["label"].value_counts()
+    n_val = int(round(len(train) * cfg.val_fraction))
+    if counts.min() < 2 or n_val < len(counts):
+        raise ConfigError(f"train is too small to carve a stratified validation split "
+                          f"({len(train)} rows, smallest class {counts.min()}); add data or raise --val-fraction")
+    fit, val = train_test_split(train, test_size=n_val, stratify=train["label"], random_state=cfg.split_seed)
+    fit = _cap(fit, cfg.max_train_samples, cfg.split_seed)
+    val = _cap(val, cfg.max_val_samples, cfg.split_seed)
+    test = _cap(test, cfg.max_test_samples, cfg.split_seed)
+    return Splits(
+        train=fit.reset_index(drop=True), val=val.reset_index(drop=True), test=test.reset_index(drop=True),
+        labels=[str(v) for v in names], source=source,
+    )
+
+
+@dataclass
+class Encoded:
+    """Token ids per example (unpadded) and labels; padding happens per batch."""
+
+    input_ids: list[np.ndarray]
+    labels: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def tokenize(df: pd.DataFrame, tokenizer, max_length: int) -> Encoded:
+    """One pass of the fast (Rust) tokenizer over the split; no padding stored."""
+    enc = tokenizer(df["text"].tolist(), truncation=True, max_length=max_length)
+    ids = [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
+    return Encoded(input_ids=ids, labels=df["label"].to_numpy(dtype=np.int64))
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                           group: int = 50) -> list[np.ndarray]:
+    """Shuffle, then sort within windows of `group` batches so each batch holds similar lengths.
+
+    The window keeps batch order random while padding stays small (about 3% on IMDB against
+    47% when every review is padded to 512); the longest batch goes first so an out-of-memory
+    error shows at step one, not hours in.
+    """
+    order = rng.permutation(len(lengths))
+    window = batch_size * group
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    perm = rng.permutation(len(batches))
+    longest = int(np.argmax([lengths[b].max() for b in batches]))
+    perm = np.concatenate([[longest], perm[perm != longest]])
+    return [batches[i] for i in perm]
+
+
+def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Evaluation order: longest first, so padding is minimal and memory peaks at once."""
+    order = np.argsort(-lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(enc: Encoded, idx: np.ndarray, pad_id: int, multiple_of: int = 1):
+    import torch
+
+    seqs = [enc.input_ids[i] for i in idx]
+    width = max(len(s) for s in seqs)
+    width = -(-width // multiple_of) * multiple_of
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = s
+        mask[row, :len(s)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(enc.labels[idx])

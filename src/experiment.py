@@ -1,0 +1,83 @@
+"""One tracked run, start to end: data -> model -> loop -> evaluation -> MLflow.
+
+Everything that can be wrong with the inputs is checked before the MLflow run opens or a weight
+loads, so a typo costs seconds and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import ConfigError, RunConfig
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    val: dict[str, float]
+    test: dict[str, float]
+    trainable_params: int
+    total_params: int
+    best_epoch: int
+
+
+def preflight(cfg: RunConfig):
+    """Cheap checks and loads, in order of cost; returns (splits, tokenizer)."""
+    from .data import load_splits
+    from .modeling import load_tokenizer, resolve_targets
+
+    splits = load_splits(cfg.data)
+    tokenizer = load_tokenizer(cfg.model.model)
+    if cfg.model.strategy == "lora":
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(cfg.model.model, trust_remote_code=False).model_type
+        resolve_targets(model_type, cfg.lora)
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"the tokenizer of {cfg.model.model!r} has no padding token; pick an encoder model")
+    return splits, tokenizer
+
+
+def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str] | None = None,
+                   on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                   evaluate_test: bool = True) -> Outcome:
+    splits, tokenizer = preflight(cfg)
+
+    import mlflow
+
+    from . import tracking
+    from .data import tokenize
+    from .loop import fit, pick_device, predict, resolve_precision, seed_everything, throughput
+    from .modeling import build_model, count_params, servable
+
+    with tracking.run(cfg, nested=nested, tags=tags) as active:
+        encoded = {name: tokenize(df, tokenizer, cfg.data.max_length)
+                   for name, df in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg.model.model, cfg.model.strategy, splits.labels, cfg.lora)
+        counts = count_params(model)
+        device = pick_device()
+        dtype = resolve_precision(cfg.train.precision, device)
+        tracking.log_setup(cfg, splits, {
+            "trainable_params": counts.trainable, "total_params": counts.total,
+            "trainable_pct": round(counts.pct, 4), "device": device.type, "compute_dtype": str(dtype).split(".")[-1],
+        })
+        pad_id = tokenizer.pad_token_id
+        result = fit(model, encoded["train"], encoded["val"], cfg.train, cfg.learning_rate, len(splits.labels),
+                     pad_id, logger=tracking.MlflowLogger(), on_epoch=on_epoch)
+        mlflow.log_metrics({**throughput(result), "best_epoch": result.best_epoch})
+        # val/accuracy etc. are per-epoch histories; val/best_* hold the selected epoch for comparisons.
+        val = tracking.log_evaluation("val", result.best_val, splits.labels, prefix="best_")
+        test: dict[str, float] = {}
+        if evaluate_test:
+            # The test split is touched once, after model selection on validation.
+            test_ev = predict(model, encoded["test"], cfg.train.eval_batch_size, pad_id, device, dtype,
+                              progress="test")
+            test = tracking.log_evaluation("test", test_ev, splits.labels, splits.test["text"].tolist())
+        if cfg.model.strategy == "lora":
+            tracking.log_adapter(model, tokenizer)
+        if cfg.tracking.registered_model_name:
+            tracking.log_servable(servable(model).cpu(), tokenizer, splits.labels, cfg.data.max_length,
+                                  cfg.tracking.registered_model_name)
+        return Outcome(active.info.run_id, val, test, counts.trainable, counts.total, result.best_epoch)

@@ -1,0 +1,122 @@
+"""Base encoder + strategy: every weight ('full') or LoRA adapters plus the classification head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ConfigError, LoraConfig
+
+# Attention projections LoRA adapts by default, per `config.model_type`.
+LORA_TARGETS = {
+    "distilbert": ["q_lin", "k_lin", "v_lin"],
+    "bert": ["query", "key", "value"],
+    "roberta": ["query", "key", "value"],
+    "xlm-roberta": ["query", "key", "value"],
+    "camembert": ["query", "key", "value"],
+    "electra": ["query", "key", "value"],
+    "albert": ["query", "key", "value"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "mpnet": ["q", "k", "v"],
+    "modernbert": ["Wqkv"],
+}
+
+# Freshly initialised head modules that must train in full and be saved with the adapter.
+# DistilBERT's head is two layers; training both is what gives the seed's 0.81M trainable parameters.
+HEAD_MODULES = {
+    "distilbert": ["pre_classifier", "classifier"],
+    "deberta-v2": ["pooler", "classifier"],
+    "deberta": ["pooler", "classifier"],
+    "modernbert": ["head", "classifier"],
+}
+DEFAULT_HEAD = ["classifier", "score"]
+
+
+@dataclass
+class ParamCount:
+    trainable: int
+    total: int
+
+    @property
+    def pct(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+
+def count_params(model) -> ParamCount:
+    """Counted from the live model. peft keeps a frozen original of each head module beside its
+    trained copy (`original_module`); that bookkeeping copy is not part of the model a user gets."""
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        if ".original_module." in name:
+            continue
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return ParamCount(trainable, total)
+
+
+def resolve_targets(model_type: str, lora: LoraConfig) -> list[str] | str:
+    targets = lora.target_modules()
+    if targets is not None:
+        return targets
+    if model_type not in LORA_TARGETS:
+        raise ConfigError(f"no default LoRA targets for model type {model_type!r}; "
+                          f"pass --lora-target-modules (names or all-linear)")
+    return LORA_TARGETS[model_type]
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"could not load a tokenizer from {name!r} ({str(exc).splitlines()[0]})") from exc
+
+
+def build_model(name: str, strategy: str, labels: list[str], lora: LoraConfig):
+    """Return the model to train; for LoRA a PeftModel whose head trains and saves with it."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)},
+            trust_remote_code=False,
+            use_safetensors=None,
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"could not load model {name!r} ({str(exc).splitlines()[0]})") from exc
+    if strategy == "full":
+        return model
+    return wrap_lora(model, lora)
+
+
+def wrap_lora(model, lora: LoraConfig):
+    import peft
+
+    model_type = model.config.model_type
+    targets = resolve_targets(model_type, lora)
+    head = [m for m in HEAD_MODULES.get(model_type, DEFAULT_HEAD)
+            if any(n == m or n.endswith("." + m) for n, _ in model.named_modules())]
+    config = peft.LoraConfig(
+        task_type=peft.TaskType.SEQ_CLS,
+        r=lora.lora_r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=targets,
+        modules_to_save=head,
+    )
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(f"LoRA targets {targets} do not match modules of {model_type!r} "
+                          f"({str(exc).splitlines()[0]})") from exc
+
+
+def servable(model):
+    """A plain transformers model: LoRA merged into the base weights, so it loads with no peft and no base."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model

@@ -1,0 +1,57 @@
+"""The registered model as an MLflow pyfunc: text in, label and one probability per class out.
+
+A custom pyfunc rather than the transformers flavour: that flavour's pipeline returns only the top
+score per text, and with a PEFT model on a local base it silently reloads fresh weights
+(STACK_NOTES). Here the LoRA weights are merged first, so the artifact is one plain model folder.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import mlflow.pyfunc
+
+
+def requirements() -> list[str]:
+    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "transformers", "pandas", "numpy")]
+
+
+class TextClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        self.load(context.artifacts["model"], int((context.model_config or {}).get("max_length", 512)))
+
+    def load(self, path: str, max_length: int) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from .loop import pick_device
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.device = pick_device()
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        self.max_length = max_length
+        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+
+    def classify(self, texts: list[str], batch_size: int = 64):
+        import numpy as np
+        import pandas as pd
+        import torch
+
+        from .data import Encoded, tokenize
+        from .loop import predict
+
+        frame = pd.DataFrame({"text": [str(t) for t in texts], "label": 0})
+        enc: Encoded = tokenize(frame, self.tokenizer, self.max_length)
+        ev = predict(self.model, enc, batch_size, self.tokenizer.pad_token_id or 0, self.device, torch.float32)
+        out = pd.DataFrame({"label": [self.labels[i] for i in ev.probs.argmax(axis=1)]})
+        for k, name in enumerate(self.labels):
+            out[f"prob_{name}"] = ev.probs[:, k].astype(np.float64)
+        return out
+
+    def predict(self, context, model_input, params=None):  # noqa: ARG002
+        import pandas as pd
+
+        if isinstance(model_input, pd.DataFrame):
+            texts = model_input["text"] if "text" in model_input.columns else model_input.iloc[:, 0]
+        else:
+            texts = model_input
+        return self.classify(list(texts))

@@ -1,0 +1,149 @@
+"""Every MLflow call of a training run: naming, params, metrics, figures, lineage, models.
+
+The tracking URI comes from MLflow's own resolution: `MLFLOW_TRACKING_URI` (e.g. http://host:5000)
+or, unset, the embedded `sqlite:///mlflow.db` in the working directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+
+from .config import RunConfig
+
+
+class MlflowLogger:
+    """The loop's logger. Asynchronous so a slow tracking server never stalls a training step."""
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        if clean:
+            mlflow.log_metrics(clean, step=step, synchronous=False)
+
+
+def _raise_interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open (or, inside `mlflow run`, resume) the run; always close it with the true status.
+
+    FINISHED on success, KILLED on Ctrl-C or SIGTERM, FAILED with the traceback as an artifact on
+    any other error: never left RUNNING.
+    """
+    inside_project = bool(os.environ.get("MLFLOW_RUN_ID")) and not nested
+    if not inside_project and not nested:
+        mlflow.set_experiment(cfg.tracking.experiment_name)
+    name = cfg.tracking.run_name or cfg.default_run_name()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    active = mlflow.start_run(run_name=None if inside_project else name, nested=nested)
+    try:
+        mlflow.set_tags({"mlflow.runName": name, **(tags or {})})
+        yield active
+    except KeyboardInterrupt:
+        _close(active, "KILLED")
+        raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            mlflow.log_text(traceback.format_exc(), "error/traceback.txt")
+        _close(active, "FAILED")
+        raise
+    else:
+        _close(active, "FINISHED")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _close(active: mlflow.ActiveRun, status: str) -> None:
+    with contextlib.suppress(Exception):
+        mlflow.flush_async_logging()
+    if mlflow.active_run() and mlflow.active_run().info.run_id == active.info.run_id:
+        mlflow.end_run(status)
+
+
+def log_setup(cfg: RunConfig, splits, params: dict[str, Any]) -> None:
+    """Params once each: settings already logged by `mlflow run -P` are skipped, not re-logged,
+    because MLflow refuses a second value for a key ("5e-4" vs 0.0005 would clash)."""
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    existing = client.get_run(run_id).data.params
+    values = {**cfg.flat(), **params, "num_labels": len(splits.labels),
+              "train_size": len(splits.train), "val_size": len(splits.val), "test_size": len(splits.test)}
+    fresh = {k: str(v) for k, v in values.items() if k not in existing}
+    if fresh:
+        mlflow.log_params(fresh)
+    dataset = Path(cfg.data.train_data).name if cfg.data.train_data else cfg.data.dataset
+    mlflow.set_tags({"strategy": cfg.model.strategy, "model": cfg.model.model, "dataset": dataset})
+    mlflow.log_dict({**cfg.flat(), "learning_rate": cfg.learning_rate}, "config/resolved_config.yaml")
+    mlflow.log_dict({"id2label": dict(enumerate(splits.labels))}, "config/label_map.json")
+    for context, df in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
+        ds = mlflow.data.from_pandas(df, source=splits.source, name=f"{dataset}-{context}", targets="label")
+        mlflow.log_input(ds, context=context)
+
+
+def log_evaluation(split: str, ev, names: list[str], texts: list[str] | None = None,
+                   prefix: str = "") -> dict[str, float]:
+    """Metrics as `<split>/<prefix><name>`; artifacts under `<split>/`: confusion matrix (PNG and
+    JSON), ROC curve, classification report and, given texts, the most confident mistakes."""
+    import matplotlib.pyplot as plt
+
+    from . import evaluate
+
+    values = evaluate.metrics(ev, len(names))
+    mlflow.log_metrics({f"{split}/{prefix}{k}": v for k, v in values.items() if math.isfinite(v)})
+    cm = evaluate.confusion(ev, len(names))
+    mlflow.log_dict({"labels": names, "matrix": cm.tolist()}, f"{split}/confusion_matrix.json")
+    for fig, file in ((evaluate.confusion_figure(cm, names, f"{split} confusion matrix"), "confusion_matrix.png"),
+                      (evaluate.roc_figure(ev, names, f"{split} ROC"), "roc_curve.png")):
+        mlflow.log_figure(fig, f"{split}/{file}")
+        plt.close(fig)
+    mlflow.log_dict(evaluate.report(ev, names), f"{split}/classification_report.json")
+    if texts is not None:
+        mlflow.log_table(evaluate.worst_errors(ev, texts, names), f"{split}/misclassified.json")
+    return values
+
+
+def log_adapter(model, tokenizer) -> None:
+    """LoRA weights + adapter config + trained head + tokenizer: a few MB, reloadable with
+    `PeftModel.from_pretrained(base, <dir>)`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        mlflow.log_artifacts(tmp, "adapter")
+
+
+def log_servable(model, tokenizer, labels: list[str], max_length: int, registered_model_name: str = ""):
+    """Log a self-contained pyfunc model (LoRA merged, no base model or network needed to load) and
+    optionally register it. Returns the ModelInfo."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from . import serving
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        example = pd.DataFrame({"text": ["a wonderful film", "a dull mess"]})
+        classifier = serving.TextClassifier()
+        classifier.load(tmp, max_length)
+        signature = infer_signature(example, classifier.classify(example["text"].tolist()))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=serving.TextClassifier(),
+            artifacts={"model": tmp},
+            code_paths=[str(Path(__file__).parent)],
+            model_config={"max_length": max_length},
+            signature=signature,
+            input_example=example,
+            pip_requirements=serving.requirements(),
+            registered_model_name=registered_model_name or None,
+        )

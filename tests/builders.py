@@ -1,0 +1,104 @@
+"""Tiny encoders, a tokenizer trained on the spot, and synthetic sentiment data with a learnable signal."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pandas as pd
+
+POSITIVE = ["great", "excellent", "wonderful", "loved", "brilliant", "superb", "moving", "delightful"]
+NEGATIVE = ["awful", "terrible", "boring", "hated", "dreadful", "poor", "tedious", "clumsy"]
+NEUTRAL = ["the", "movie", "film", "plot", "actor", "scene", "was", "and", "a", "story", "music",
+           "ending", "director", "script", "cast", "it", "this", "with", "of", "camera", "dialogue"]
+
+
+def sentiment_frame(n: int, seed: int = 0, string_labels: bool = False) -> pd.DataFrame:
+    """Each text mixes filler with 2-4 words of its class and at most one of the other: a bag-of-words
+    model separates them, but only after it learns which words carry the sentiment."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        own, other = (POSITIVE, NEGATIVE) if label == 1 else (NEGATIVE, POSITIVE)
+        words = [rng.choice(NEUTRAL) for _ in range(rng.randint(6, 30))]
+        words += [rng.choice(own) for _ in range(rng.randint(2, 4))]
+        if rng.random() < 0.5:
+            words.append(rng.choice(other))
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words) + ".", "label": ("pos" if label else "neg") if string_labels else label})
+    return pd.DataFrame(rows)
+
+
+def write_data(folder: Path, n_train: int = 400, n_test: int = 120, fmt: str = "parquet",
+               string_labels: bool = False) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        df = sentiment_frame(n, seed, string_labels)
+        path = folder / f"{name}.{fmt}"
+        if fmt == "parquet":
+            df.to_parquet(path)
+        elif fmt == "csv":
+            df.to_csv(path, index=False)
+        else:
+            df.to_json(path, orient="records", lines=True)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def write_tokenizer(folder: Path, kind: str = "distilbert") -> None:
+    """A WordPiece vocabulary trained on the synthetic corpus, saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizer, DistilBertTokenizer
+
+    corpus = sentiment_frame(400, seed=7)["text"].tolist()
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    (folder / "vocab.txt").write_text("\n".join(t for t, _ in vocab) + "\n")
+    cls = DistilBertTokenizer if kind == "distilbert" else BertTokenizer
+    # transformers 5 takes the vocabulary itself (`vocab=`); the old `vocab_file=` is silently ignored.
+    cls(vocab=dict(vocab), do_lower_case=True, model_max_length=128).save_pretrained(folder)
+
+
+def write_model(folder: Path, kind: str = "distilbert", seed: int = 0, pretrain: bool = True) -> Path:
+    """A 2-layer encoder (no head) saved like a pretrained checkpoint.
+
+    A randomly initialised encoder gives nearly the same [CLS] vector for every input, so frozen
+    weights + LoRA cannot learn from it; `pretrain` first trains every weight for a few epochs on
+    separate synthetic data, as real pretraining would, and then keeps only the encoder.
+    """
+    import torch
+    from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification)
+
+    write_tokenizer(folder, kind)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab_size = len(tokenizer)
+    torch.manual_seed(seed)
+    if kind == "distilbert":
+        model = DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128))
+    else:
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=128))
+    if pretrain:
+        df = sentiment_frame(320, seed=11)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(4):
+            for start in range(0, len(df), 32):
+                part = df.iloc[start:start + 32]
+                batch = tokenizer(part["text"].tolist(), padding=True, return_tensors="pt")
+                loss = model(**batch, labels=torch.tensor(part["label"].to_numpy())).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    model.base_model.save_pretrained(folder)
+    return folder
