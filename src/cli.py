@@ -7,7 +7,8 @@ Flags take either spelling, `--learning-rate` or `--learning_rate`: the second i
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -22,10 +23,10 @@ def option_name(field_name: str) -> str:
 
 def config_options(fn: Callable) -> Callable:
     for f in reversed(all_fields()):
-        kind = TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
+        kind = f.metadata.get("type") or TYPES[f.type]
         choices = f.metadata.get("choices")
         fn = click.option(option_name(f.name), f.name, type=click.Choice(choices) if choices else kind,
-                          default=f.default, show_default=True, help=f.metadata["help"])(fn)
+                          default=f.default, show_default=f.default is not None, help=f.metadata["help"])(fn)
     return fn
 
 
@@ -79,5 +80,16 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
 
 
+def main(command: click.Command, prog_name: str) -> None:
+    """Run a command; a usage error becomes one `error:` line (click's default prints three)."""
+    try:
+        command.main(args=normalize_argv(sys.argv[1:]), prog_name=prog_name, standalone_mode=False)
+    except click.UsageError as exc:
+        hint = f" (see {prog_name} --help)"
+        fail(Exception(exc.format_message() + hint))
+    except click.exceptions.Abort:
+        sys.exit(130)
+
+
 def train_main() -> None:
-    train.main(args=normalize_argv(sys.argv[1:]), prog_name="python -m src.train")
+    main(train, "python -m src.train")

@@ -110,7 +110,8 @@ class TrainConfig:
     epochs: int = _opt(3, "Passes over the train split.")
     batch_size: int = _opt(32, "Training examples per optimizer micro-step.")
     eval_batch_size: int = _opt(128, "Examples per evaluation batch (sorted by length, no gradients).")
-    learning_rate: float = _opt(0.0, "Peak learning rate; 0 = strategy default (full 5e-5, lora 5e-4).")
+    learning_rate: float | None = _opt(None, "Peak learning rate; unset = strategy default (full 5e-5, lora 5e-4).",
+                                       type=float)
     weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
     warmup_ratio: float = _opt(0.06, "Fraction of optimizer steps spent warming the learning rate up.")
     lr_scheduler: str = _opt("linear", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
@@ -128,9 +129,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.learning_rate < 0 or not math.isfinite(self.learning_rate):
-            raise ConfigError(f"--learning-rate must be positive (or 0 for the strategy default), "
-                              f"got {self.learning_rate}")
+        if self.learning_rate is not None and not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"--learning-rate must be a positive number, got {self.learning_rate}")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -178,14 +178,16 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         parts = {}
-        for attr, group in zip(("data", "model", "lora", "train", "tracking"), GROUPS):
+        for attr, group in zip(("data", "model", "lora", "train", "tracking"), GROUPS, strict=True):
             names = {f.name for f in dataclasses.fields(group)}
             parts[attr] = group(**{k: v for k, v in values.items() if k in names})
         return cls(**parts)
 
     @property
     def learning_rate(self) -> float:
-        return self.train.learning_rate or DEFAULT_LEARNING_RATE[self.model.strategy]
+        if self.train.learning_rate is None:
+            return DEFAULT_LEARNING_RATE[self.model.strategy]
+        return self.train.learning_rate
 
     def flat(self) -> dict[str, Any]:
         """Every resolved setting once, by its one name; LoRA settings only for LoRA runs."""

@@ -24,7 +24,8 @@ class Splits:
     val: pd.DataFrame
     test: pd.DataFrame
     labels: list[str]  # id -> name
-    source: str  # where the data came from, for lineage
+    train_source: str  # where train (and so validation) came from: a file path or "<hub name>:<split>"
+    test_source: str
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -107,10 +108,10 @@ def load_splits(cfg: DataConfig) -> Splits:
     """Everything here is cheap and runs before any model is loaded or MLflow run is created."""
     if cfg.train_data:
         train_raw, test_raw = _read_local(cfg.train_data), _read_local(cfg.test_data)
-        source = f"{os.path.abspath(cfg.train_data)},{os.path.abspath(cfg.test_data)}"
+        sources = os.path.abspath(cfg.train_data), os.path.abspath(cfg.test_data)
     else:
         train_raw, test_raw = _read_hub(cfg.dataset)
-        source = f"hf://datasets/{cfg.dataset}"
+        sources = f"{cfg.dataset}:train", f"{cfg.dataset}:test"
     train = _check_columns(train_raw, cfg, "train data")
     test = _check_columns(test_raw, cfg, "test data")
     names = _label_names(train, test)
@@ -131,7 +132,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     test = _cap(test, cfg.max_test_samples, cfg.split_seed)
     return Splits(
         train=fit.reset_index(drop=True), val=val.reset_index(drop=True), test=test.reset_index(drop=True),
-        labels=[str(v) for v in names], source=source,
+        labels=[str(v) for v in names], train_source=sources[0], test_source=sources[1],
     )
 
 

@@ -6,8 +6,8 @@ loads, so a typo costs seconds and leaves nothing behind.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .config import ConfigError, RunConfig
 
@@ -25,15 +25,12 @@ class Outcome:
 def preflight(cfg: RunConfig):
     """Cheap checks and loads, in order of cost; returns (splits, tokenizer)."""
     from .data import load_splits
-    from .modeling import load_tokenizer, resolve_targets
+    from .modeling import check_targets, load_tokenizer
 
     splits = load_splits(cfg.data)
     tokenizer = load_tokenizer(cfg.model.model)
     if cfg.model.strategy == "lora":
-        from transformers import AutoConfig
-
-        model_type = AutoConfig.from_pretrained(cfg.model.model, trust_remote_code=False).model_type
-        resolve_targets(model_type, cfg.lora)
+        check_targets(cfg.model.model, cfg.lora)
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"the tokenizer of {cfg.model.model!r} has no padding token; pick an encoder model")
     return splits, tokenizer
@@ -78,6 +75,6 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
         if cfg.model.strategy == "lora":
             tracking.log_adapter(model, tokenizer)
         if cfg.tracking.registered_model_name:
-            tracking.log_servable(servable(model).cpu(), tokenizer, splits.labels, cfg.data.max_length,
+            tracking.log_servable(servable(model).cpu(), tokenizer, cfg.data.max_length,
                                   cfg.tracking.registered_model_name)
         return Outcome(active.info.run_id, val, test, counts.trainable, counts.total, result.best_epoch)

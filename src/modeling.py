@@ -64,6 +64,27 @@ def resolve_targets(model_type: str, lora: LoraConfig) -> list[str] | str:
     return LORA_TARGETS[model_type]
 
 
+def check_targets(name: str, lora: LoraConfig) -> list[str] | str:
+    """Resolve and check LoRA targets from the architecture alone (meta device: no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"could not load the model config of {name!r} ({str(exc).splitlines()[0]})") from exc
+    targets = resolve_targets(config.model_type, lora)
+    if isinstance(targets, list):
+        with torch.device("meta"):
+            skeleton = AutoModelForSequenceClassification.from_config(config)
+        names = [n for n, _ in skeleton.named_modules()]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise ConfigError(f"LoRA targets {missing} do not match modules of {config.model_type!r}; "
+                              f"pass --lora-target-modules with names from the model or all-linear")
+    return targets
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 

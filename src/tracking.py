@@ -12,8 +12,10 @@ import os
 import signal
 import tempfile
 import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 
@@ -85,8 +87,20 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any]) -> None:
     mlflow.set_tags({"strategy": cfg.model.strategy, "model": cfg.model.model, "dataset": dataset})
     mlflow.log_dict({**cfg.flat(), "learning_rate": cfg.learning_rate}, "config/resolved_config.yaml")
     mlflow.log_dict({"id2label": dict(enumerate(splits.labels))}, "config/label_map.json")
-    for context, df in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
-        ds = mlflow.data.from_pandas(df, source=splits.source, name=f"{dataset}-{context}", targets="label")
+    def source_of(where: str):
+        if cfg.data.train_data:
+            return where
+        from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+        name, split = where.rsplit(":", 1)
+        return HuggingFaceDatasetSource(path=name, split=split)
+
+    for context, df, where in (("train", splits.train, splits.train_source),
+                               ("validation", splits.val, splits.train_source),
+                               ("test", splits.test, splits.test_source)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # schema hints about int columns: labels are never missing
+            ds = mlflow.data.from_pandas(df, source=source_of(where), name=f"{dataset}-{context}", targets="label")
         mlflow.log_input(ds, context=context)
 
 
@@ -121,7 +135,7 @@ def log_adapter(model, tokenizer) -> None:
         mlflow.log_artifacts(tmp, "adapter")
 
 
-def log_servable(model, tokenizer, labels: list[str], max_length: int, registered_model_name: str = ""):
+def log_servable(model, tokenizer, max_length: int, registered_model_name: str = ""):
     """Log a self-contained pyfunc model (LoRA merged, no base model or network needed to load) and
     optionally register it. Returns the ModelInfo."""
     import pandas as pd
@@ -135,7 +149,9 @@ def log_servable(model, tokenizer, labels: list[str], max_length: int, registere
         example = pd.DataFrame({"text": ["a wonderful film", "a dull mess"]})
         classifier = serving.TextClassifier()
         classifier.load(tmp, max_length)
-        signature = infer_signature(example, classifier.classify(example["text"].tolist()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            signature = infer_signature(example, classifier.classify(example["text"].tolist()))
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=serving.TextClassifier(),

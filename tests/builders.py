@@ -74,8 +74,13 @@ def write_model(folder: Path, kind: str = "distilbert", seed: int = 0, pretrain:
     separate synthetic data, as real pretraining would, and then keeps only the encoder.
     """
     import torch
-    from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, DistilBertConfig,
-                              DistilBertForSequenceClassification)
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+    )
 
     write_tokenizer(folder, kind)
     tokenizer = AutoTokenizer.from_pretrained(folder)

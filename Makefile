@@ -1,0 +1,35 @@
+# make lora | full  : a fresh .venv, the pinned install, then `mlflow run` (ARGS="-P epochs=1 ...")
+# make test         : the whole offline test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(abspath $(VENV))/bin
+ARGS   ?=
+# `mlflow run --env-manager local` starts `python -m src.train` from PATH: make it the venv's.
+RUN    := PATH="$(BIN):$$PATH" MLFLOW_DISABLE_TELEMETRY=true
+
+.PHONY: install lora full test lint clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: an open range would pull a multi-GB CUDA build on machines without one.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+lora: install
+	$(RUN) $(BIN)/mlflow run . -e lora --env-manager local $(ARGS)
+
+full: install
+	$(RUN) $(BIN)/mlflow run . -e full --env-manager local $(ARGS)
+
+test: install
+	$(RUN) $(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) mlruns mlartifacts mlflow.db .pytest_cache .ruff_cache

@@ -1,0 +1,56 @@
+"""Bad input: one clear `error:` line, non-zero exit, before training, and no MLflow run left behind."""
+
+import pytest
+
+from tests.builders import sentiment_frame
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    good = sentiment_frame(60)
+    good.to_parquet(d / "train.parquet")
+    good.head(20).to_parquet(d / "test.parquet")
+    good.assign(label=1).to_parquet(d / "one_class.parquet")
+    good.assign(text=[""] * 3 + good.text.tolist()[3:]).to_parquet(d / "empty_texts.parquet")
+    good.head(20).assign(label=7).to_parquet(d / "unseen_label.parquet")
+    (d / "notes.txt").write_text("hello")
+    return d
+
+
+CASES = {
+    "missing file": (["--train-data", "{d}/nope.parquet", "--test-data", "{d}/test.parquet"],
+                     "data file not found"),
+    "wrong text column": (["--text-column", "review"], "no column 'review'"),
+    "wrong label column": (["--label-column", "sentiment"], "no column 'sentiment'"),
+    "one class only": (["--train-data", "{d}/one_class.parquet"], "single label"),
+    "empty texts": (["--train-data", "{d}/empty_texts.parquet"], "3 empty or non-text"),
+    "test label unseen in train": (["--test-data", "{d}/unseen_label.parquet"], "never seen in train"),
+    "unsupported file type": (["--train-data", "{d}/notes.txt"], "unsupported data file type"),
+    "zero rank": (["--lora-r", "0"], "--lora-r must be a positive integer"),
+    "negative alpha": (["--lora-alpha", "-4"], "--lora-alpha must be positive"),
+    "zero learning rate": (["--learning-rate", "0"], "--learning-rate must be a positive number"),
+    "negative learning rate": (["--learning_rate=-1e-4"], "--learning-rate must be a positive number"),
+    "unknown strategy": (["--strategy", "adapters"], "Invalid value for '--strategy'"),
+    "missing model folder": (["--model", "{d}/no-such-model"], "could not load a tokenizer"),
+    "unknown LoRA target": (["--lora-target-modules", "q_proj"], "LoRA targets ['q_proj'] do not match"),
+    "train without test": (["--test-data", ""], "--train-data needs --test-data"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_fails_fast_and_cleanly(name, bad_files, distilbert_dir, tracking):
+    args, message = CASES[name]
+    base = {"--model": str(distilbert_dir), "--train-data": f"{bad_files}/train.parquet",
+            "--test-data": f"{bad_files}/test.parquet", "--experiment-name": f"bad-{name}"}
+    given = [a.format(d=bad_files) for a in args]
+    for i in range(0, len(given) - 1, 2):
+        base.pop(given[i], None)
+    argv = [x for kv in base.items() for x in kv] + given
+    proc = run_cli(argv, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert tracking.get_experiment_by_name(f"bad-{name}") is None  # nothing created in MLflow

@@ -1,0 +1,137 @@
+"""`mlflow run . -e lora|full` as a user runs it, against a real `mlflow server` on 127.0.0.1."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import BIN, ROOT
+
+COMMON_METRICS = {
+    "train/loss", "train/learning_rate", "val/loss", "val/accuracy", "val/f1", "val/best_accuracy", "val/best_f1",
+    "test/accuracy", "test/f1", "test/precision", "test/recall", "test/roc_auc", "test/loss",
+    "train/runtime_s", "train/samples_per_s", "train/peak_memory_mb", "best_epoch",
+}
+
+
+def mlflow_run(entry, params, experiment, cwd=ROOT):
+    args = [str(BIN / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local",
+            "--experiment-name", experiment]
+    for k, v in params.items():
+        args += ["-P", f"{k}={v}"]
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=os.environ.copy(), timeout=400)
+
+
+def only_run(client, experiment):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def artifact_paths(client, run_id, path=""):
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        out += artifact_paths(client, run_id, item.path) if item.is_dir else [item.path]
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_run(tracking, distilbert_dir, data_files, tmp_path_factory):
+    params = {"model": distilbert_dir, "train_data": data_files[0], "test_data": data_files[1], "epochs": 3,
+              "batch_size": 16, "learning_rate": "5e-3", "lora_r": 4, "registered_model_name": "tiny-sentiment"}
+    proc = mlflow_run("lora", params, "e2e-lora", cwd=tmp_path_factory.mktemp("cwd"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return only_run(tracking, "e2e-lora")
+
+
+@pytest.fixture(scope="module")
+def full_run(tracking, distilbert_dir, data_files, tmp_path_factory):
+    params = {"model": distilbert_dir, "train_data": data_files[0], "test_data": data_files[1], "epochs": 2,
+              "batch_size": 16, "learning_rate": "1e-3"}
+    proc = mlflow_run("full", params, "e2e-full", cwd=tmp_path_factory.mktemp("cwd"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return only_run(tracking, "e2e-full")
+
+
+def test_lora_run_is_tracked_completely(tracking, lora_run):
+    run = lora_run
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "lora-r4-a32-lr5e-3"
+    assert run.data.tags["strategy"] == "lora" and run.data.tags["dataset"] == "train.parquet"
+    p = run.data.params
+    assert p["lora_r"] == "4" and float(p["learning_rate"]) == 5e-3
+    assert int(p["trainable_params"]) == 2 * 3 * 4 * (32 + 32) + (32 * 32 + 32) + (32 * 2 + 2)
+    assert int(p["total_params"]) > int(p["trainable_params"]) and 0 < float(p["trainable_pct"]) < 100
+    assert p["lora_target_modules"] == "auto" and p["train_size"] == "360" and p["val_size"] == "40"
+    assert COMMON_METRICS <= set(run.data.metrics)
+    assert run.data.metrics["val/best_accuracy"] >= 0.85
+    epochs = [m.step for m in tracking.get_metric_history(run.info.run_id, "val/accuracy")]
+    assert epochs == [1, 2, 3]
+    files = set(artifact_paths(tracking, run.info.run_id))
+    for f in ("test/confusion_matrix.png", "test/confusion_matrix.json", "val/confusion_matrix.png",
+              "test/roc_curve.png", "test/classification_report.json", "test/misclassified.json",
+              "config/resolved_config.yaml", "config/label_map.json",
+              "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer_config.json"):
+        assert f in files, f
+    import mlflow
+
+    matrix = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/test/confusion_matrix.json")
+    assert np.array(matrix["matrix"]).sum() == 120
+    assert np.trace(matrix["matrix"]) / 120 == pytest.approx(run.data.metrics["test/accuracy"])
+    inputs = {d.tags[0].value for d in run.inputs.dataset_inputs}
+    assert inputs == {"train", "validation", "test"}
+
+
+def test_full_and_lora_share_metric_keys(full_run, lora_run):
+    assert full_run.info.status == "FINISHED"
+    assert full_run.data.tags["strategy"] == "full"
+    assert "lora_r" not in full_run.data.params
+    assert full_run.data.params["trainable_params"] == full_run.data.params["total_params"]
+    assert COMMON_METRICS <= set(full_run.data.metrics)
+    assert set(full_run.data.metrics) == set(lora_run.data.metrics)
+
+
+def test_registered_model_reloads_offline_and_predicts_identically(tracking, lora_run, distilbert_dir, data_files,
+                                                                    tmp_path):
+    import mlflow
+    import peft
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    versions = tracking.search_model_versions("name='tiny-sentiment'")
+    assert [v.run_id for v in versions] == [lora_run.info.run_id]
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-sentiment/1")
+    test = pd.read_parquet(data_files[1])
+    out = pyfunc.predict(test[["text"]])
+    assert list(out.columns) == ["label", "prob_0", "prob_1"]
+    accuracy = (out["label"].astype(int) == test["label"]).mean()
+    assert accuracy == pytest.approx(lora_run.data.metrics["test/accuracy"])
+
+    # an independent reload: base model + the logged adapter through peft, unmerged
+    adapter = mlflow.artifacts.download_artifacts(f"runs:/{lora_run.info.run_id}/adapter", dst_path=str(tmp_path))
+    base = AutoModelForSequenceClassification.from_pretrained(distilbert_dir, num_labels=2)
+    model = peft.PeftModel.from_pretrained(base, adapter).eval()
+    tok = AutoTokenizer.from_pretrained(adapter)
+    with torch.no_grad():
+        probs = torch.softmax(model(**tok(test["text"].tolist(), padding=True, return_tensors="pt")).logits, -1)
+    assert np.allclose(probs.numpy(), out[["prob_0", "prob_1"]].to_numpy(), atol=1e-5)
+    assert (probs.argmax(-1).numpy() == out["label"].astype(int).to_numpy()).all()
+    size = sum(f.stat().st_size for f in Path(adapter).iterdir())
+    assert size < 2_000_000
+
+
+def test_train_module_runs_without_mlflow_projects(tracking, distilbert_dir, data_files):
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.train", "--strategy", "full", "--model", str(distilbert_dir),
+         "--train-data", str(data_files[0]), "--test-data", str(data_files[1]), "--epochs", "1",
+         "--max-train-samples", "64", "--experiment-name", "direct", "--run-name", "direct-full"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(tracking, "direct")
+    assert run.info.status == "FINISHED" and run.info.run_name == "direct-full"
+    assert run.data.params["learning_rate"] == "5e-05" and run.data.params["train_size"] == "64"

@@ -1,0 +1,42 @@
+import pytest
+
+from src.config import ConfigError, LoraConfig
+from src.modeling import build_model, count_params
+
+
+def lora_params(r, fan_in, fan_out):
+    return r * (fan_in + fan_out)  # A: r x in, B: out x r
+
+
+@pytest.mark.parametrize("r", [2, 8])
+def test_distilbert_lora_counts_match_formula(distilbert_dir, r):
+    model = build_model(str(distilbert_dir), "lora", ["neg", "pos"], LoraConfig(lora_r=r))
+    dim, layers, labels = 32, 2, 2
+    adapters = layers * 3 * lora_params(r, dim, dim)  # q_lin, k_lin, v_lin
+    head = (dim * dim + dim) + (dim * labels + labels)  # pre_classifier + classifier
+    counts = count_params(model)
+    assert counts.trainable == adapters + head
+    full = count_params(build_model(str(distilbert_dir), "full", ["neg", "pos"], LoraConfig()))
+    assert counts.total == full.total + adapters  # base weights + adapters, head counted once
+    assert full.trainable == full.total
+
+
+def test_bert_lora_counts_match_formula(bert_dir):
+    model = build_model(str(bert_dir), "lora", ["a", "b", "c"], LoraConfig(lora_r=4))
+    dim, layers, labels = 32, 2, 3
+    adapters = layers * 3 * lora_params(4, dim, dim)  # query, key, value
+    head = dim * labels + labels  # classifier (the pooler is pretrained, stays frozen)
+    assert count_params(model).trainable == adapters + head
+
+
+def test_all_linear_and_explicit_targets(distilbert_dir):
+    explicit = build_model(str(distilbert_dir), "lora", ["0", "1"], LoraConfig(lora_r=2, lora_target_modules="q_lin"))
+    dim = 32
+    assert count_params(explicit).trainable == 2 * lora_params(2, dim, dim) + (dim * dim + dim) + (dim * 2 + 2)
+    every = build_model(str(distilbert_dir), "lora", ["0", "1"], LoraConfig(lora_r=2, lora_target_modules="all-linear"))
+    assert count_params(every).trainable > count_params(explicit).trainable
+
+
+def test_unknown_target_module_is_a_config_error(distilbert_dir):
+    with pytest.raises(ConfigError, match="do not match"):
+        build_model(str(distilbert_dir), "lora", ["0", "1"], LoraConfig(lora_target_modules="nope"))

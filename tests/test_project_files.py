@@ -1,0 +1,79 @@
+"""MLproject, CLI, README and config stay in step: one name per setting everywhere."""
+
+import dataclasses
+import re
+import subprocess
+import sys
+
+import yaml
+
+from src.cli import option_name, train
+from src.config import DEFAULT_LEARNING_RATE, LoraConfig, all_fields
+from tests.conftest import ROOT
+
+LORA = {f.name for f in dataclasses.fields(LoraConfig)}
+SETTINGS = {f.name: f for f in all_fields()}
+
+
+def entry_points():
+    return yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+
+
+def test_mlproject_parameters_equal_config_fields():
+    eps = entry_points()
+    assert set(eps) == {"full", "lora", "main"}
+    assert set(eps["full"]["parameters"]) == set(SETTINGS) - LORA - {"strategy"}
+    assert set(eps["lora"]["parameters"]) == set(SETTINGS) - {"strategy"}
+    assert eps["main"] == eps["lora"]
+
+
+def test_mlproject_defaults_equal_config_defaults():
+    for ep, strategy in (("full", "full"), ("lora", "lora")):
+        params = entry_points()[ep]["parameters"]
+        for name, spec in params.items():
+            expected = DEFAULT_LEARNING_RATE[strategy] if name == "learning_rate" else SETTINGS[name].default
+            assert type(expected)(spec["default"]) == expected, (ep, name)
+            assert spec["type"] == ("string" if isinstance(expected, str) else "float"), (ep, name)
+
+
+def test_mlproject_commands_pass_every_parameter_to_the_cli():
+    for ep, spec in entry_points().items():
+        flags = re.findall(r"--(\w+) \{(\w+)\}", spec["command"])
+        assert all(a == b for a, b in flags)
+        assert {a for a, _ in flags} == set(spec["parameters"]), ep
+        assert f"--strategy {'lora' if ep == 'main' else ep}" in spec["command"]
+
+
+def test_cli_options_equal_config_fields():
+    opts = {p.name: p for p in train.params}
+    assert set(opts) == set(SETTINGS)
+    for name, f in SETTINGS.items():
+        assert option_name(name) in opts[name].opts
+        assert opts[name].default == f.default
+
+
+def test_readme_documents_every_setting_and_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    first_screen = "\n".join(readme.splitlines()[:15])
+    assert "make lora" in first_screen and "make test" in first_screen
+    for name in SETTINGS:
+        assert f"| `{name}` |" in readme, name
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_help_is_instant_and_light():
+    code = ("import sys, runpy; sys.argv=['x','--help']\n"
+            "try: runpy.run_module('src.train', run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "print(sorted(m for m in ('torch','transformers','mlflow','peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().endswith("[]"), out.stdout[-500:]
+
+
+def test_requirements_pin_the_tested_stack():
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert pins["torch"] == "2.13.0"
+    for pkg in ("transformers", "peft", "mlflow", "optuna", "datasets", "scikit-learn", "accelerate", "click"):
+        assert pkg in pins
+    assert yaml.safe_load((ROOT / "python_env.yaml").read_text())["python"] == "3.11.7"
