@@ -21,13 +21,23 @@ def option_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def config_options(fn: Callable) -> Callable:
-    for f in reversed(all_fields()):
-        kind = f.metadata.get("type") or TYPES[f.type]
-        choices = f.metadata.get("choices")
-        fn = click.option(option_name(f.name), f.name, type=click.Choice(choices) if choices else kind,
-                          default=f.default, show_default=f.default is not None, help=f.metadata["help"])(fn)
-    return fn
+def config_options(fn: Callable | None = None, *, exclude: tuple[str, ...] = (),
+                   defaults: dict[str, Any] | None = None) -> Callable:
+    """Add one click option per config field; a command may drop fields or change their defaults."""
+    defaults = defaults or {}
+
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(all_fields()):
+            if f.name in exclude:
+                continue
+            kind = f.metadata.get("type") or TYPES[f.type]
+            choices = f.metadata.get("choices")
+            default = defaults.get(f.name, f.default)
+            fn = click.option(option_name(f.name), f.name, type=click.Choice(choices) if choices else kind,
+                              default=default, show_default=default is not None, help=f.metadata["help"])(fn)
+        return fn
+
+    return decorate(fn) if fn is not None else decorate
 
 
 def normalize_argv(argv: list[str]) -> list[str]:

@@ -81,8 +81,9 @@ class LoraConfig:
     lora_alpha: float = _opt(32.0, "LoRA scaling alpha (the update is scaled by alpha / r).")
     lora_dropout: float = _opt(0.1, "Dropout on the LoRA input.")
     lora_target_modules: str = _opt(
-        "auto", "Comma-separated module names, 'all-linear', or 'auto' (per architecture: "
-        "DistilBERT q_lin,k_lin,v_lin; BERT/RoBERTa query,key,value; ...).")
+        "auto", "'auto' = attention q/k/v per architecture (DistilBERT q_lin,k_lin,v_lin; BERT/RoBERTa "
+        "query,key,value; ...), 'attention-output' = those + the attention output, 'all-linear', "
+        "or comma-separated module names.")
 
     def __post_init__(self) -> None:
         if self.lora_r < 1:
@@ -95,12 +96,10 @@ class LoraConfig:
             raise ConfigError(f"--lora-target-modules must be 'auto', 'all-linear' or names separated by "
                               f"commas, got {self.lora_target_modules!r}")
 
-    def target_modules(self) -> list[str] | str | None:
-        """None = resolve per architecture; 'all-linear' passes through to peft."""
+    def target_modules(self) -> list[str] | str:
+        """'auto' and 'attention-output' are resolved per architecture; 'all-linear' passes to peft."""
         value = self.lora_target_modules.replace(" ", "")
-        if value == "auto":
-            return None
-        if value == "all-linear":
+        if value in ("auto", "attention-output", "all-linear"):
             return value
         return value.split(",")
 
@@ -160,6 +159,90 @@ class TrackingConfig:
 
 
 GROUPS = (DataConfig, ModelConfig, LoraConfig, TrainConfig, TrackingConfig)
+
+PRUNERS = ("median", "hyperband", "none")
+TARGET_SETS = ("auto", "attention-output", "all-linear")
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ConfigError(f"--{name.replace('_', '-')} must be numbers separated by commas, got {text!r}") from None
+
+
+@dataclass
+class TuneConfig:
+    """The Optuna search over LoRA settings; every training setting passes through unchanged."""
+
+    n_trials: int = _opt(20, "Finished trials (complete or pruned) the study should reach, counting earlier "
+                         "invocations and other workers on the same storage.")
+    study_name: str = _opt("imdb-lora", "Optuna study name; an existing study on the storage is resumed.")
+    storage: str = _opt("sqlite:///optuna.db", "Optuna storage: sqlite:///file.db, postgresql://..., "
+                        "mysql://..., or a journal file path ending in .log.")
+    sampler_seed: int = _opt(42, "Seed of the TPE sampler.")
+    pruner: str = _opt("median", "Stops hopeless trials from their per-epoch validation metric.", choices=PRUNERS)
+    search_space: str = _opt("", "YAML file with any of the keys below (lora_r_choices, ...); overrides the flags.")
+    lora_r_choices: str = _opt("4,8,16,32", "Ranks to try.")
+    lora_alpha_choices: str = _opt("8,16,32,64", "Alphas to try.")
+    learning_rate_range: str = _opt("1e-4,2e-3", "Learning-rate range low,high (sampled log-uniformly).")
+    lora_dropout_range: str = _opt("0.0,0.2", "Dropout range low,high.")
+    target_module_choices: str = _opt("auto,all-linear", f"Target sets to try, from {', '.join(TARGET_SETS)}.")
+    evaluate_test: bool = _opt(True, "Evaluate the winner on the test split once, after selection.", type=bool)
+    heartbeat_interval: int = _opt(60, "Seconds between trial heartbeats (RDB storages); a trial silent for "
+                                   "twice as long is marked FAIL when a worker starts.")
+
+    def __post_init__(self) -> None:
+        if self.n_trials < 1:
+            raise ConfigError(f"--n-trials must be at least 1, got {self.n_trials}")
+        if not self.study_name:
+            raise ConfigError("--study-name must not be empty")
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
+        if self.heartbeat_interval < 1:
+            raise ConfigError(f"--heartbeat-interval must be at least 1 second, got {self.heartbeat_interval}")
+        storage = self.storage
+        if not (storage.endswith(".log") or re.match(r"(sqlite|postgresql|mysql)(\+\w+)?://", storage)):
+            raise ConfigError(f"--storage {storage!r} is not supported; use sqlite:///file.db, postgresql://..., "
+                              f"mysql://... or a journal file ending in .log")
+        if self.search_space:
+            self._apply_yaml(self.search_space)
+        self.space()  # validates every range now, before any trial
+
+    def _apply_yaml(self, path: str) -> None:
+        import yaml
+
+        try:
+            values = yaml.safe_load(open(path)) or {}
+        except OSError as exc:
+            raise ConfigError(f"search space file {path!r} cannot be read ({exc.strerror})") from None
+        keys = {"lora_r_choices", "lora_alpha_choices", "learning_rate_range", "lora_dropout_range",
+                "target_module_choices"}
+        if not isinstance(values, dict) or set(values) - keys:
+            raise ConfigError(f"search space file {path!r} may only hold the keys {', '.join(sorted(keys))}")
+        for key, value in values.items():
+            setattr(self, key, ",".join(map(str, value)) if isinstance(value, list) else str(value))
+
+    def space(self) -> dict[str, list]:
+        ranks = _floats(self.lora_r_choices, "lora_r_choices")
+        alphas = _floats(self.lora_alpha_choices, "lora_alpha_choices")
+        lr = _floats(self.learning_rate_range, "learning_rate_range")
+        dropout = _floats(self.lora_dropout_range, "lora_dropout_range")
+        targets = [t for t in self.target_module_choices.replace(" ", "").split(",") if t]
+        if not ranks or any(r < 1 or r != int(r) for r in ranks):
+            raise ConfigError(f"--lora-r-choices must be positive integers, got {self.lora_r_choices!r}")
+        if not alphas or any(a <= 0 for a in alphas):
+            raise ConfigError(f"--lora-alpha-choices must be positive numbers, got {self.lora_alpha_choices!r}")
+        for name, pair, low_ok in (("learning_rate_range", lr, lambda v: v > 0),
+                                   ("lora_dropout_range", dropout, lambda v: 0 <= v < 1)):
+            if len(pair) != 2 or not low_ok(pair[0]) or not low_ok(pair[1]) or pair[0] > pair[1]:
+                raise ConfigError(f"--{name.replace('_', '-')} must be low,high with low <= high in the valid "
+                                  f"range, got {getattr(self, name)!r}")
+        if not targets or set(targets) - set(TARGET_SETS):
+            raise ConfigError(f"--target-module-choices must be from {', '.join(TARGET_SETS)}, "
+                              f"got {self.target_module_choices!r}")
+        return {"lora_r": [int(r) for r in ranks], "lora_alpha": alphas, "learning_rate": lr,
+                "lora_dropout": dropout, "lora_target_modules": targets}
 
 
 @dataclass

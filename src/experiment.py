@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .config import ConfigError, RunConfig
 
@@ -20,6 +21,16 @@ class Outcome:
     trainable_params: int
     total_params: int
     best_epoch: int
+
+
+@dataclass
+class Prepared:
+    splits: Any
+    tokenizer: Any
+    encoded: dict[str, Any]
+
+
+_PREPARED: dict[tuple, Prepared] = {}
 
 
 def preflight(cfg: RunConfig):
@@ -36,21 +47,43 @@ def preflight(cfg: RunConfig):
     return splits, tokenizer
 
 
-def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str] | None = None,
-                   on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-                   evaluate_test: bool = True) -> Outcome:
+def prepare(cfg: RunConfig) -> Prepared:
+    """Checked, split and tokenized data; kept per process, so Optuna trials on the same data
+    tokenize once (the LoRA targets are still checked for every trial)."""
+    key = (repr(cfg.data), cfg.model.model)
+    if key in _PREPARED:
+        if cfg.model.strategy == "lora":
+            from .modeling import check_targets
+
+            check_targets(cfg.model.model, cfg.lora)
+        return _PREPARED[key]
     splits, tokenizer = preflight(cfg)
+    from .data import tokenize
+
+    encoded = {name: tokenize(df, tokenizer, cfg.data.max_length)
+               for name, df in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+    _PREPARED.clear()  # one dataset at a time: a long-lived process must not hoard memory
+    _PREPARED[key] = Prepared(splits, tokenizer, encoded)
+    return _PREPARED[key]
+
+
+def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str] | None = None,
+                   on_start: Callable[[str], None] | None = None,
+                   on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                   killed_on: tuple[type[BaseException], ...] = (),
+                   evaluate_test: bool = True) -> Outcome:
+    prepared = prepare(cfg)
+    splits, tokenizer, encoded = prepared.splits, prepared.tokenizer, prepared.encoded
 
     import mlflow
 
     from . import tracking
-    from .data import tokenize
     from .loop import fit, pick_device, predict, resolve_precision, seed_everything, throughput
     from .modeling import build_model, count_params, servable
 
-    with tracking.run(cfg, nested=nested, tags=tags) as active:
-        encoded = {name: tokenize(df, tokenizer, cfg.data.max_length)
-                   for name, df in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+    with tracking.run(cfg, nested=nested, tags=tags, killed_on=killed_on) as active:
+        if on_start is not None:
+            on_start(active.info.run_id)
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model.model, cfg.model.strategy, splits.labels, cfg.lora)
         counts = count_params(model)

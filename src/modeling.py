@@ -21,6 +21,14 @@ LORA_TARGETS = {
     "modernbert": ["Wqkv"],
 }
 
+# The attention output projection, added by `lora_target_modules=attention-output`.
+ATTENTION_OUTPUT = {
+    "distilbert": ["out_lin"],
+    "mpnet": ["o"],
+    "modernbert": ["Wo"],
+}
+DEFAULT_ATTENTION_OUTPUT = ["attention.output.dense"]  # BERT family, DeBERTa
+
 # Freshly initialised head modules that must train in full and be saved with the adapter.
 # DistilBERT's head is two layers; training both is what gives the seed's 0.81M trainable parameters.
 HEAD_MODULES = {
@@ -56,11 +64,13 @@ def count_params(model) -> ParamCount:
 
 def resolve_targets(model_type: str, lora: LoraConfig) -> list[str] | str:
     targets = lora.target_modules()
-    if targets is not None:
+    if isinstance(targets, list) or targets == "all-linear":
         return targets
     if model_type not in LORA_TARGETS:
         raise ConfigError(f"no default LoRA targets for model type {model_type!r}; "
                           f"pass --lora-target-modules (names or all-linear)")
+    if targets == "attention-output":
+        return LORA_TARGETS[model_type] + ATTENTION_OUTPUT.get(model_type, DEFAULT_ATTENTION_OUTPUT)
     return LORA_TARGETS[model_type]
 
 

@@ -36,22 +36,23 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001
 
 
 @contextlib.contextmanager
-def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None, name: str = "",
+        killed_on: tuple[type[BaseException], ...] = ()) -> Iterator[mlflow.ActiveRun]:
     """Open (or, inside `mlflow run`, resume) the run; always close it with the true status.
 
-    FINISHED on success, KILLED on Ctrl-C or SIGTERM, FAILED with the traceback as an artifact on
-    any other error: never left RUNNING.
+    FINISHED on success, KILLED on Ctrl-C, SIGTERM or an exception in `killed_on` (an Optuna
+    prune), FAILED with the traceback as an artifact on any other error: never left RUNNING.
     """
     inside_project = bool(os.environ.get("MLFLOW_RUN_ID")) and not nested
     if not inside_project and not nested:
         mlflow.set_experiment(cfg.tracking.experiment_name)
-    name = cfg.tracking.run_name or cfg.default_run_name()
+    name = name or cfg.tracking.run_name or cfg.default_run_name()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     active = mlflow.start_run(run_name=None if inside_project else name, nested=nested)
     try:
         mlflow.set_tags({"mlflow.runName": name, **(tags or {})})
         yield active
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, *killed_on):
         _close(active, "KILLED")
         raise
     except BaseException:

@@ -8,11 +8,13 @@ import sys
 import yaml
 
 from src.cli import option_name, train
-from src.config import DEFAULT_LEARNING_RATE, LoraConfig, all_fields
+from src.config import DEFAULT_LEARNING_RATE, LoraConfig, TuneConfig, all_fields
+from src.tune import SEARCHED, TUNE_DEFAULTS, tune
 from tests.conftest import ROOT
 
 LORA = {f.name for f in dataclasses.fields(LoraConfig)}
 SETTINGS = {f.name: f for f in all_fields()}
+TUNE = {f.name: f for f in dataclasses.fields(TuneConfig)}
 
 
 def entry_points():
@@ -21,17 +23,26 @@ def entry_points():
 
 def test_mlproject_parameters_equal_config_fields():
     eps = entry_points()
-    assert set(eps) == {"full", "lora", "main"}
+    assert set(eps) == {"full", "lora", "main", "tune"}
     assert set(eps["full"]["parameters"]) == set(SETTINGS) - LORA - {"strategy"}
     assert set(eps["lora"]["parameters"]) == set(SETTINGS) - {"strategy"}
     assert eps["main"] == eps["lora"]
+    assert set(eps["tune"]["parameters"]) == (set(SETTINGS) - set(SEARCHED)) | set(TUNE)
 
 
 def test_mlproject_defaults_equal_config_defaults():
-    for ep, strategy in (("full", "full"), ("lora", "lora")):
+    for ep, strategy in (("full", "full"), ("lora", "lora"), ("tune", "lora")):
         params = entry_points()[ep]["parameters"]
         for name, spec in params.items():
-            expected = DEFAULT_LEARNING_RATE[strategy] if name == "learning_rate" else SETTINGS[name].default
+            field = SETTINGS.get(name) or TUNE[name]
+            expected = field.default
+            if name == "learning_rate":
+                expected = DEFAULT_LEARNING_RATE[strategy]
+            if ep == "tune":
+                expected = TUNE_DEFAULTS.get(name, expected)
+            if isinstance(expected, bool):
+                assert str(spec["default"]).lower() == str(expected).lower(), (ep, name)
+                continue
             assert type(expected)(spec["default"]) == expected, (ep, name)
             assert spec["type"] == ("string" if isinstance(expected, str) else "float"), (ep, name)
 
@@ -41,7 +52,8 @@ def test_mlproject_commands_pass_every_parameter_to_the_cli():
         flags = re.findall(r"--(\w+) \{(\w+)\}", spec["command"])
         assert all(a == b for a, b in flags)
         assert {a for a, _ in flags} == set(spec["parameters"]), ep
-        assert f"--strategy {'lora' if ep == 'main' else ep}" in spec["command"]
+        if ep != "tune":
+            assert f"--strategy {'lora' if ep == 'main' else ep}" in spec["command"]
 
 
 def test_cli_options_equal_config_fields():
@@ -50,24 +62,32 @@ def test_cli_options_equal_config_fields():
     for name, f in SETTINGS.items():
         assert option_name(name) in opts[name].opts
         assert opts[name].default == f.default
+    tune_opts = {p.name: p for p in tune.params}
+    assert set(tune_opts) == (set(SETTINGS) - set(SEARCHED)) | set(TUNE)
+    for name, f in {**SETTINGS, **TUNE}.items():
+        if name in tune_opts:
+            assert option_name(name) in tune_opts[name].opts
+            assert tune_opts[name].default == TUNE_DEFAULTS.get(name, f.default)
 
 
 def test_readme_documents_every_setting_and_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     first_screen = "\n".join(readme.splitlines()[:15])
     assert "make lora" in first_screen and "make test" in first_screen
-    for name in SETTINGS:
+    for name in [*SETTINGS, *TUNE]:
         assert f"| `{name}` |" in readme, name
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
 def test_help_is_instant_and_light():
-    code = ("import sys, runpy; sys.argv=['x','--help']\n"
-            "try: runpy.run_module('src.train', run_name='__main__')\n"
-            "except SystemExit: pass\n"
-            "print(sorted(m for m in ('torch','transformers','mlflow','peft') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip().endswith("[]"), out.stdout[-500:]
+    for module in ("src.train", "src.tune"):
+        code = ("import sys, runpy; sys.argv=['x','--help']\n"
+                f"try: runpy.run_module('{module}', run_name='__main__')\n"
+                "except SystemExit: pass\n"
+                "print(sorted(m for m in ('torch','transformers','mlflow','peft','optuna') if m in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert "--n-trials" in out.stdout or module == "src.train"
+        assert out.stdout.strip().endswith("[]"), out.stdout[-500:]
 
 
 def test_requirements_pin_the_tested_stack():

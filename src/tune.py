@@ -1,0 +1,312 @@
+"""Optuna searches LoRA rank, alpha, learning rate, dropout and targets; the winner is registered.
+
+    python -m src.tune --n-trials 30
+    python -m src.tune --n-trials 30 --study-name imdb-lora --storage sqlite:///optuna.db   # resumable
+    python -m src.tune --storage postgresql://.../optuna --study-name team-search &        # N workers
+    mlflow run . -e tune -P n_trials=30
+
+One parent MLflow run per invocation; each trial is a nested run with the same params, metrics and
+artifacts as a `lora` run. Trials are ranked on validation only; the test split is seen once, by
+the winner, after the search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from typing import Any
+
+import click
+
+from .cli import build_config, config_options, fail, main, option_name
+from .config import ConfigError, RunConfig, TuneConfig
+
+TUNE_FIELDS = dataclasses.fields(TuneConfig)
+# The search registers its winner unless told `--registered-model-name ""`; trials run the LoRA rate.
+# Sampled per trial, so not options here: fix one by giving its search a single value.
+SEARCHED = ("strategy", "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+TUNE_DEFAULTS = {"registered_model_name": "imdb-sentiment", "experiment_name": "imdb-sentiment-tuning"}
+
+
+def tune_options(fn):
+    for f in reversed(TUNE_FIELDS):
+        kind = {"int": int, "str": str, "bool": click.BOOL}.get(f.type, f.metadata.get("type"))
+        choices = f.metadata.get("choices")
+        fn = click.option(option_name(f.name), f.name, type=click.Choice(choices) if choices else kind,
+                          default=f.default, show_default=True, help=f.metadata["help"])(fn)
+    return fn
+
+
+def make_storage(tc: TuneConfig):
+    import optuna
+    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+
+    if tc.storage.endswith(".log"):
+        return JournalStorage(JournalFileBackend(tc.storage))
+    try:
+        # Heartbeats let a restarted worker mark trials of a killed one as FAIL instead of RUNNING forever.
+        return RDBStorage(tc.storage, heartbeat_interval=tc.heartbeat_interval,
+                          grace_period=2 * tc.heartbeat_interval,
+                          failed_trial_callback=RetryFailedTrialCallback(max_retry=0))
+    except (ImportError, optuna.exceptions.StorageInternalError, Exception) as exc:  # noqa: BLE001
+        raise ConfigError(f"cannot open Optuna storage {tc.storage!r} ({str(exc).splitlines()[0]})") from exc
+
+
+def make_pruner(name: str):
+    import optuna
+
+    if name == "median":
+        # Two complete trials before pruning anything; never prune on the first epoch's noise alone
+        # when a trial has more than one epoch to show itself.
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1)
+    return optuna.pruners.NopPruner()
+
+
+def sample(trial, space: dict[str, list]) -> dict[str, Any]:
+    lr_low, lr_high = space["learning_rate"]
+    drop_low, drop_high = space["lora_dropout"]
+    return {
+        "lora_r": trial.suggest_categorical("lora_r", space["lora_r"]),
+        "lora_alpha": trial.suggest_categorical("lora_alpha", space["lora_alpha"]),
+        "learning_rate": trial.suggest_float("learning_rate", lr_low, lr_high, log=True) if lr_low < lr_high
+        else lr_low,
+        "lora_dropout": trial.suggest_float("lora_dropout", drop_low, drop_high) if drop_low < drop_high
+        else drop_low,
+        "lora_target_modules": trial.suggest_categorical("lora_target_modules", space["lora_target_modules"]),
+    }
+
+
+def trial_config(base: RunConfig, params: dict[str, Any], number: int) -> RunConfig:
+    cfg = RunConfig.from_flat({**{k: v for k, v in base_flat(base).items()}, **params,
+                               "registered_model_name": "", "strategy": "lora"})
+    cfg.tracking.run_name = f"trial-{number}-{cfg.default_run_name()}"
+    return cfg
+
+
+def base_flat(cfg: RunConfig) -> dict[str, Any]:
+    out = {}
+    for group in (cfg.data, cfg.model, cfg.lora, cfg.train, cfg.tracking):
+        out.update(dataclasses.asdict(group))
+    return out
+
+
+def close_orphans(client, experiment_id: str, study, study_name: str) -> int:
+    """MLflow runs of this study left RUNNING by a killed worker: trials that Optuna no longer runs,
+    and parent runs whose process on this host is gone. Marked KILLED."""
+    import optuna
+
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    closed = 0
+    runs = client.search_runs([experiment_id],
+                              f"tags.`optuna.study` = '{study_name}' and attributes.status = 'RUNNING'")
+    for r in runs:
+        tags = r.data.tags
+        orphan = False
+        if "optuna.trial" in tags:
+            orphan = int(tags["optuna.trial"]) not in running
+        elif tags.get("tune.host") == socket.gethostname() and "tune.pid" in tags:
+            orphan = not _alive(int(tags["tune.pid"]))
+        if orphan:
+            client.set_terminated(r.info.run_id, "KILLED")
+            client.set_tag(r.info.run_id, "optuna.state", "FAIL") if "optuna.trial" in tags else None
+            closed += 1
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
+    import mlflow
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from . import registry, tracking
+    from .experiment import prepare
+
+    space = tc.space()
+    base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, strategy="lora"))
+    prepare(base)  # data, tokenizer and model checks before any storage or run is touched
+    storage = make_storage(tc)
+    direction = "minimize" if cfg.train.selection_metric == "loss" else "maximize"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(study_name=tc.study_name, storage=storage, direction=direction,
+                                    sampler=optuna.samplers.TPESampler(seed=tc.sampler_seed),
+                                    pruner=make_pruner(tc.pruner), load_if_exists=True)
+    except ValueError as exc:
+        raise ConfigError(f"study {tc.study_name!r}: {exc}") from exc
+    optuna.storages.fail_stale_trials(study)  # trials of killed workers -> FAIL (no-op without heartbeats)
+    metric = cfg.train.selection_metric
+    client = mlflow.MlflowClient()
+
+    study_settings = {f.name: getattr(tc, f.name) for f in TUNE_FIELDS}
+    study_settings["storage"] = _redact(tc.storage)
+    with tracking.run(base, name=f"study-{tc.study_name}",
+                      tags={"optuna.study": tc.study_name, "tune.host": socket.gethostname(),
+                            "tune.pid": str(os.getpid()), "strategy": "lora-search"}) as parent:
+        closed = close_orphans(client, parent.info.experiment_id, study, tc.study_name)
+        if closed:
+            click.echo(f"marked {closed} MLflow run(s) of a killed worker as KILLED", err=True)
+        existing = client.get_run(parent.info.run_id).data.params
+        mlflow.log_params({k: str(v) for k, v in {**study_settings, "search_space": json.dumps(space),
+                                                   "selection_metric": metric, "direction": direction}.items()
+                           if k not in existing})
+
+        def objective(trial) -> float:
+            params = sample(trial, space)
+            tcfg = trial_config(base, params, trial.number)
+
+            def report(epoch: int, values: dict[str, float]) -> None:
+                trial.report(values[metric], epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+            def remember(run_id: str) -> None:
+                trial.set_user_attr("mlflow_run_id", run_id)
+
+            tags = {"optuna.study": tc.study_name, "optuna.trial": str(trial.number), "optuna.state": "RUNNING"}
+            return run_and_tag(tcfg, tags, remember, report, trial).val[metric]
+
+        def run_and_tag(tcfg, tags, remember, report, trial):
+            from .experiment import run_experiment
+
+            state = "FAIL"
+            try:
+                out = run_experiment(tcfg, nested=True, tags=tags, on_start=remember, on_epoch=report,
+                                     killed_on=(optuna.TrialPruned,), evaluate_test=False)
+                state = "COMPLETE"
+                return out
+            except optuna.TrialPruned:
+                state = "PRUNED"
+                raise
+            finally:
+                run_id = trial.user_attrs.get("mlflow_run_id")
+                if run_id:
+                    client.set_tag(run_id, "optuna.state", state)
+
+        def progress(_study, trial) -> None:
+            value = "" if trial.value is None else f"{metric}={trial.value:.4f}"
+            if trial.state == TrialState.PRUNED:
+                value = f"pruned at epoch {trial.last_step}"
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+            click.echo(f"trial {trial.number:>3} {trial.state.name:<8} {value:<24} {shown}")
+
+        done = (TrialState.COMPLETE, TrialState.PRUNED)
+        remaining = tc.n_trials - len(study.get_trials(deepcopy=False, states=done))
+        if remaining > 0:
+            study.optimize(objective, callbacks=[MaxTrialsCallback(tc.n_trials, states=done), progress],
+                           catch=(Exception,), gc_after_trial=True)
+        summary = _summary(study)
+        click.echo(summary)
+        mlflow.log_text(summary, "study/trials.md")
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            raise ConfigError(f"study {tc.study_name!r} has no complete trial; nothing to register")
+        best = study.best_trial
+        mlflow.log_params({f"best_{k}": str(v) for k, v in best.params.items()})
+        mlflow.log_metrics({f"best/val_{metric}": best.value, "best/trial": best.number,
+                            "trials/complete": len(complete),
+                            "trials/pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))),
+                            "trials/failed": len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))})
+        _log_figures(study)
+        result = {"study": tc.study_name, "best_trial": best.number, "best_value": best.value,
+                  "best_params": best.params, "best_run_id": best.user_attrs.get("mlflow_run_id")}
+        name = cfg.tracking.registered_model_name
+        if name:
+            result.update(registry.register_best(
+                base, best_run_id=result["best_run_id"], best_params=best.params, study_name=tc.study_name,
+                trial_number=best.number, metric=metric, value=best.value, direction=direction,
+                evaluate_test=tc.evaluate_test))
+        mlflow.log_dict(result, "study/result.json")
+    return result
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _redact(uri: str) -> str:
+    """Passwords in a storage URL never reach params or logs."""
+    import re
+
+    return re.sub(r"//([^:/@]+):[^@/]+@", r"//\1:***@", uri)
+
+
+def _summary(study) -> str:
+    rows = ["| trial | state | value | " + " | ".join(sorted(study.trials[0].params)) + " |" if study.trials else ""]
+    keys = sorted(study.trials[0].params) if study.trials else []
+    rows.append("|" + "---|" * (3 + len(keys)))
+    for t in study.trials:
+        value = "" if t.value is None else f"{t.value:.4f}"
+        rows.append(f"| {t.number} | {t.state.name} | {value} | "
+                    + " | ".join(_fmt(t.params.get(k, "")) for k in keys) + " |")
+    return "\n".join(rows)
+
+
+def _log_figures(study) -> None:
+    """Optimization history, parameter importances and rank-vs-alpha, each where Optuna can draw it."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    from optuna.visualization import matplotlib as ovm
+
+    plots = {
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study),
+        "param_importances.png": lambda: ovm.plot_param_importances(study),
+        "rank_vs_alpha.png": lambda: ovm.plot_contour(study, params=["lora_r", "lora_alpha"]),
+        "slices.png": lambda: ovm.plot_slice(study),
+    }
+    for name, draw in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = draw()
+        except Exception as exc:  # noqa: BLE001 - e.g. importances need two complete trials
+            mlflow.log_text(f"not drawn: {exc}", f"study/{name}.txt")
+            continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        fig.set_size_inches(8, 6)
+        fig.tight_layout()
+        mlflow.log_figure(fig, f"study/{name}")
+        plt.close(fig)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_options(exclude=SEARCHED, defaults=TUNE_DEFAULTS)
+@tune_options
+def tune(**values: Any) -> None:
+    """Optuna search over LoRA settings with nested MLflow runs; the winner goes to the registry."""
+    tune_values = {f.name: values.pop(f.name) for f in TUNE_FIELDS}
+    cfg = build_config({**values, "strategy": "lora"})
+    try:
+        tc = TuneConfig(**tune_values)
+        from .cli import _quiet_libraries
+
+        _quiet_libraries()
+        result = run_study(cfg, tc)
+    except ConfigError as exc:
+        fail(exc)
+        return
+    click.echo(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main(tune, "python -m src.tune")

@@ -1,0 +1,176 @@
+"""Optuna search with real storage and a real MLflow server: nested runs, pruning, registry, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+
+from src.config import RunConfig, TuneConfig
+from src.tune import run_study
+from tests.conftest import ROOT
+
+
+def base_cfg(model_dir, data_files, experiment, **over):
+    values = {"model": str(model_dir), "train_data": str(data_files[0]), "test_data": str(data_files[1]),
+              "epochs": 2, "batch_size": 16, "strategy": "lora", "experiment_name": experiment,
+              "registered_model_name": "tuned-tiny", **over}
+    return RunConfig.from_flat(values)
+
+
+def runs_of(client, experiment):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=500)
+
+
+@pytest.fixture(scope="module")
+def first_study(tracking, distilbert_dir, data_files, tmp_path_factory):
+    storage = f"sqlite:///{tmp_path_factory.mktemp('optuna')}/optuna.db"
+    tc = TuneConfig(n_trials=3, study_name="first", storage=storage, pruner="none",
+                    learning_rate_range="2e-3,8e-3", target_module_choices="auto")
+    return run_study(base_cfg(distilbert_dir, data_files, "tune-first"), tc), storage
+
+
+def test_study_makes_one_parent_and_a_child_per_trial(tracking, first_study):
+    result, storage = first_study
+    runs = runs_of(tracking, "tune-first")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "study-first"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(int(c.data.tags["optuna.trial"]) for c in children) == [0, 1, 2]
+    assert all(c.data.tags["optuna.state"] == "COMPLETE" and c.info.status == "FINISHED" for c in children)
+    # a trial run carries what a `lora` run carries
+    child = children[0]
+    assert {"val/accuracy", "val/best_accuracy", "train/loss", "train/samples_per_s"} <= set(child.data.metrics)
+    assert "lora_r" in child.data.params and "trainable_params" in child.data.params
+    assert not any(k.startswith("test/") for k in child.data.metrics)  # the search never sees test
+    # the parent: study settings, best params and value, figures, winner's test metrics
+    best = optuna.load_study(study_name="first", storage=storage).best_trial
+    assert parent.data.params["best_lora_r"] == str(best.params["lora_r"])
+    assert parent.data.metrics["best/val_accuracy"] == pytest.approx(best.value)
+    assert parent.data.params["n_trials"] == "3" and parent.data.params["pruner"] == "none"
+    assert "test/accuracy" in parent.data.metrics
+    files = {a.path for a in tracking.list_artifacts(parent.info.run_id, "study")}
+    assert {"study/optimization_history.png", "study/rank_vs_alpha.png", "study/trials.md"} <= files
+    assert result["best_run_id"] in {c.info.run_id for c in children}
+
+
+def test_winner_is_registered_as_champion_and_predicts_offline(tracking, first_study, data_files):
+    result, _ = first_study
+    version = tracking.get_model_version_by_alias("tuned-tiny", "champion")
+    assert version.version == result["version"] == "1"
+    assert version.tags["optuna.study"] == "first" and version.tags["trial_run_id"] == result["best_run_id"]
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/tuned-tiny@champion")
+    test = pd.read_parquet(data_files[1])
+    out = model.predict(test[["text"]])
+    assert (out["label"].astype(int) == test["label"]).mean() == pytest.approx(result["test"]["accuracy"])
+
+
+def test_worse_study_leaves_champion_and_becomes_challenger(tracking, first_study, distilbert_dir, data_files,
+                                                           tmp_path):
+    tc = TuneConfig(n_trials=1, study_name="worse", storage=f"sqlite:///{tmp_path}/o.db", pruner="none",
+                    learning_rate_range="1e-7,1e-7", lora_r_choices="2", target_module_choices="auto",
+                    evaluate_test=False)
+    result = run_study(base_cfg(distilbert_dir, data_files, "tune-worse", epochs=1), tc)
+    assert result["alias"] == "challenger" and result["version"] == "2"
+    assert tracking.get_model_version_by_alias("tuned-tiny", "champion").version == "1"
+    assert tracking.get_model_version_by_alias("tuned-tiny", "challenger").version == "2"
+    decision = result["decision"]
+    assert decision["champion_value"] > decision["candidate_value"]
+
+
+def test_pruning_prunes_a_bad_region(tracking, distilbert_dir, data_files, tmp_path):
+    tc = TuneConfig(n_trials=6, study_name="prune", storage=f"sqlite:///{tmp_path}/o.db", pruner="median",
+                    learning_rate_range="1e-9,1e-2", target_module_choices="auto", evaluate_test=False)
+    cfg = base_cfg(distilbert_dir, data_files, "tune-prune", epochs=3, selection_metric="loss",
+                   registered_model_name="")
+    run_study(cfg, tc)
+    study = optuna.load_study(study_name="prune", storage=tc.storage)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, [(t.state, t.params) for t in study.trials]
+    # what was pruned is the bad region: slower learning rates than every complete trial's best
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert min(t.params["learning_rate"] for t in pruned) < min(t.params["learning_rate"] for t in complete)
+    runs = {r.data.tags.get("optuna.trial"): r for r in runs_of(tracking, "tune-prune")}
+    for t in pruned:
+        run = runs[str(t.number)]
+        assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "PRUNED"
+        assert len(tracking.get_metric_history(run.info.run_id, "val/loss")) < 3
+
+
+def tune_cmd(model_dir, data_files, storage, study, experiment, n_trials, extra=()):
+    return [sys.executable, "-m", "src.tune", "--model", str(model_dir), "--train-data", str(data_files[0]),
+            "--test-data", str(data_files[1]), "--epochs", "2", "--batch-size", "16", "--storage", storage,
+            "--study-name", study, "--n-trials", str(n_trials), "--experiment-name", experiment,
+            "--registered-model-name", "", "--pruner", "none", "--learning-rate-range", "2e-3,8e-3",
+            "--heartbeat-interval", "1", *extra]
+
+
+def test_killed_worker_resumes_without_orphan_runs(tracking, distilbert_dir, data_files, tmp_path):
+    storage = f"sqlite:///{tmp_path}/o.db"
+    cmd = tune_cmd(distilbert_dir, data_files, storage, "resume", "tune-resume", 3)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill while the second trial runs
+        try:
+            trials = optuna.load_study(study_name="resume", storage=storage).trials
+        except KeyError:
+            trials = []
+        if len(trials) >= 2 and trials[-1].state == optuna.trial.TrialState.RUNNING:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # past the heartbeat grace period
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = optuna.load_study(study_name="resume", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1, states
+    assert states[1] == "FAIL"  # the killed trial; numbering continued after it
+    runs = runs_of(tracking, "tune-resume")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    killed = [r for r in runs if r.data.tags.get("optuna.trial") == "1"]
+    assert [r.info.status for r in killed] == ["KILLED"] and killed[0].data.tags["optuna.state"] == "FAIL"
+
+
+def test_two_workers_share_one_study(tracking, distilbert_dir, data_files, tmp_path):
+    storage = f"sqlite:///{tmp_path}/o.db"
+    optuna.create_study(study_name="shared", storage=storage, direction="maximize")
+    cmd = tune_cmd(distilbert_dir, data_files, storage, "shared", "tune-shared", 4)
+    workers = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    outputs = [w.communicate(timeout=400) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [o[1][-2000:] for o in outputs]
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    # both workers did trials; the shared target stops them (a worker may finish one trial in flight)
+    assert 4 <= sum(t.state.name == "COMPLETE" for t in trials) <= 5
+    runs = runs_of(tracking, "tune-shared")
+    assert sum("optuna.trial" in r.data.tags for r in runs) == len(trials)
+    assert len({r.data.tags["tune.pid"] for r in runs if "tune.pid" in r.data.tags}) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--storage", "redis://localhost/0"], "--storage 'redis://localhost/0' is not supported"),
+    (["--learning-rate-range", "1e-3,1e-4"], "--learning-rate-range must be low,high"),
+    (["--lora-r-choices", ""], "--lora-r-choices must be positive integers"),
+    (["--n-trials", "0"], "--n-trials must be at least 1"),
+    (["--target-module-choices", "everything"], "--target-module-choices must be from"),
+])
+def test_bad_tune_input(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "src.tune", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())  # no storage, no mlflow.db
