@@ -102,7 +102,7 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any]) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # schema hints about int columns: labels are never missing
             ds = mlflow.data.from_pandas(df, source=source_of(where), name=f"{dataset}-{context}", targets="label")
-        mlflow.log_input(ds, context=context)
+            mlflow.log_input(ds, context=context)
 
 
 def log_evaluation(split: str, ev, names: list[str], texts: list[str] | None = None,
