@@ -40,8 +40,12 @@ def tokenizer_from(vocab_file: Path):
     from transformers import DistilBertTokenizer
 
     words = vocab_file.read_text(encoding="utf-8").splitlines()
-    # transformers 5 takes the vocabulary itself; `vocab_file=` is silently ignored there.
-    return DistilBertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    # transformers 5 takes the vocabulary itself (`vocab_file=` is silently ignored there); 4.x takes the file.
+    tok = DistilBertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    if len(tok) != len(words):
+        tok = DistilBertTokenizer(vocab_file=str(vocab_file), do_lower_case=True)
+    assert len(tok) == len(words), f"tokenizer has {len(tok)} tokens, vocabulary {len(words)}"
+    return tok
 
 
 def fresh_model(strategy: str, seed: int):
@@ -79,15 +83,19 @@ def peak_gb(device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
-def run_seed(strategy: str, df, tokenizer, seed: int, batch_size: int, device, steps_only: int = 0) -> dict:
-    """The seed recipe through transformers' Trainer."""
+def pad_512(df, tokenizer) -> dict:
+    enc = tokenizer(df["text"].tolist(), truncation=True, max_length=512, padding="max_length")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": df["label"].tolist()}
+
+
+def run_seed(strategy: str, enc: dict, seed: int, batch_size: int, device, steps_only: int = 0) -> dict:
+    """The seed recipe through transformers' Trainer, on reviews padded to 512 tokens."""
     import tempfile
 
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    enc = tokenizer(df["text"].tolist(), truncation=True, max_length=512, padding="max_length")
-    labels = df["label"].tolist()
+    labels = enc["labels"]
 
     class Padded(torch.utils.data.Dataset):
         def __len__(self):
@@ -105,6 +113,7 @@ def run_seed(strategy: str, df, tokenizer, seed: int, batch_size: int, device, s
             logging_strategy="no", eval_strategy="no", disable_tqdm=True, seed=seed,
             use_cpu=device.type == "cpu", max_steps=steps_only or -1)
         trainer = Trainer(model=model, args=args, train_dataset=Padded())
+        trainer.remove_callback(PrinterCallback)  # its end-of-training dict would break the table
         peak_reset(device)
         t0 = time.perf_counter()
         trainer.train()
@@ -117,20 +126,17 @@ def run_seed(strategy: str, df, tokenizer, seed: int, batch_size: int, device, s
             "flops": flops(strategy, real), "peak_gb": peak_gb(device)}
 
 
-def run_project(strategy: str, df, val_df, tokenizer, seed: int, device, **train_overrides) -> dict:
+def run_project(strategy: str, train, val, pad_id: int, seed: int, device, **train_overrides) -> dict:
     import torch
 
     from src.config import TrainConfig
-    from src.data import tokenize
     from src.loop import fit
 
-    train = tokenize(df, tokenizer, 512)
-    val = tokenize(val_df, tokenizer, 512)
     cfg = TrainConfig(epochs=1, seed=seed, **train_overrides)
     lr = 5e-4 if strategy == "lora" else 5e-5
     model = fresh_model(strategy, seed)
     peak_reset(device)
-    result = fit(model, train, val, cfg, lr, 2, tokenizer.pad_token_id)
+    result = fit(model, train, val, cfg, lr, 2, pad_id)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -190,30 +196,41 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     device = pick_device()
-    hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or ''} x{torch.get_num_threads()} threads"
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {hardware}; torch {torch.__version__}, transformers {transformers.__version__}")
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name()
+    else:
+        hardware = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {hardware}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
     print(f"# command: python {' '.join(sys.argv)}")
+    from src.data import tokenize
+
     tok = tokenizer_from(a.vocab)
     seed_n = a.seed_samples or a.samples
     df = load_texts(a.data, "train", max(a.samples, seed_n), a.seed)
-    val_df = df.head(16)
-    # Warm-up both paths once (CUDA context, kernels, allocator): not part of either measurement.
-    run_seed("full", df.head(32), tok, a.seed, 16, device, steps_only=2)
-    run_project("full", df.head(64), val_df, tok, a.seed, device)
+    padded = pad_512(df.head(seed_n), tok)
+    train = tokenize(df.head(a.samples), tok, 512)
+    val = tokenize(df.head(16), tok, 512)
+    pad_id = tok.pad_token_id
+    if device.type == "cuda":
+        # Warm-up both paths once (CUDA context, kernels, allocator): not part of either measurement.
+        run_seed("full", {k: v[:32] for k, v in padded.items()}, a.seed, 16, device, steps_only=2)
+        run_project("full", tokenize(df.head(256), tok, 512), val, pad_id, a.seed, device)
 
     results = {}
-    print("\n| recipe | samples | seconds | samples/s | real tokens/s | padding | model TFLOP/s (real tokens) | peak memory |")
+    print("\n| recipe | samples | seconds | samples/s | real tokens/s | padding | model TFLOP/s on real tokens "
+          "| peak memory |")
     print("|---|---|---|---|---|---|---|---|")
     for strategy in a.strategies.split(","):
-        seed_r = run_seed(strategy, df.head(seed_n), tok, a.seed, 16, device)
+        seed_r = run_seed(strategy, padded, a.seed, 16, device)
         print(describe(f"{strategy}: seed recipe (Trainer, fp32, pad 512, batch 16)", seed_r), flush=True)
-        proj_r = run_project(strategy, df.head(a.samples), val_df, tok, a.seed, device)
+        proj_r = run_project(strategy, train, val, pad_id, a.seed, device)
         print(describe(f"{strategy}: project defaults", proj_r), flush=True)
         results[strategy] = {"seed": seed_r, "project": proj_r,
                              "ratio": (proj_r["samples"] / proj_r["seconds"]) / (seed_r["samples"] / seed_r["seconds"])}
         for variant in filter(None, a.variants.split(";")):
             overrides = {k: type_of(k)(v) for k, v in (kv.split("=") for kv in variant.split(","))}
-            r = run_project(strategy, df.head(a.samples), val_df, tok, a.seed, device, **overrides)
+            r = run_project(strategy, train, val, pad_id, a.seed, device, **overrides)
             print(describe(f"{strategy}: project, {variant}", r), flush=True)
             results[strategy][variant] = r
     print()

@@ -76,6 +76,8 @@ def train(**values: Any) -> None:
     except ConfigError as exc:
         fail(exc)
         return
+    if not out.run_id:
+        return  # a non-zero rank of a data-parallel job: rank 0 reports
     click.echo(
         f"run {out.run_id}: best epoch {out.best_epoch}, val accuracy {out.val['accuracy']:.4f} "
         f"f1 {out.val['f1']:.4f}; test accuracy {out.test['accuracy']:.4f} f1 {out.test['f1']:.4f}; "

@@ -75,6 +75,13 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
     prepared = prepare(cfg)
     splits, tokenizer, encoded = prepared.splits, prepared.tokenizer, prepared.encoded
 
+    from .loop import init_distributed
+
+    dist = init_distributed()
+    if not dist.main:
+        # Under `torchrun`/`accelerate launch` only rank 0 talks to MLflow; the others train and evaluate.
+        return _train_quietly(cfg, prepared, dist, evaluate_test)
+
     import mlflow
 
     from . import tracking
@@ -92,10 +99,11 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
         tracking.log_setup(cfg, splits, {
             "trainable_params": counts.trainable, "total_params": counts.total,
             "trainable_pct": round(counts.pct, 4), "device": device.type, "compute_dtype": str(dtype).split(".")[-1],
+            "world_size": dist.world, "global_batch_size": cfg.train.batch_size * dist.world,
         })
         pad_id = tokenizer.pad_token_id
         result = fit(model, encoded["train"], encoded["val"], cfg.train, cfg.learning_rate, len(splits.labels),
-                     pad_id, logger=tracking.MlflowLogger(), on_epoch=on_epoch)
+                     pad_id, logger=tracking.MlflowLogger(), on_epoch=on_epoch, dist=dist)
         mlflow.log_metrics({**throughput(result), "best_epoch": result.best_epoch})
         # val/accuracy etc. are per-epoch histories; val/best_* hold the selected epoch for comparisons.
         val = tracking.log_evaluation("val", result.best_val, splits.labels, prefix="best_")
@@ -103,7 +111,7 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
         if evaluate_test:
             # The test split is touched once, after model selection on validation.
             test_ev = predict(model, encoded["test"], cfg.train.eval_batch_size, pad_id, device, dtype,
-                              progress="test")
+                              progress="test", dist=dist)
             test = tracking.log_evaluation("test", test_ev, splits.labels, splits.test["text"].tolist())
         if cfg.model.strategy == "lora":
             tracking.log_adapter(model, tokenizer)
@@ -111,3 +119,20 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
             tracking.log_servable(servable(model).cpu(), tokenizer, cfg.data.max_length,
                                   cfg.tracking.registered_model_name)
         return Outcome(active.info.run_id, val, test, counts.trainable, counts.total, result.best_epoch)
+
+
+def _train_quietly(cfg: RunConfig, prepared: Prepared, dist, evaluate_test: bool) -> Outcome:
+    """A non-zero rank: the same collective steps as rank 0 (training, validation, test), no tracking."""
+    from .loop import fit, pick_device, predict, resolve_precision, seed_everything
+    from .modeling import build_model
+
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model.model, cfg.model.strategy, prepared.splits.labels, cfg.lora)
+    pad_id = prepared.tokenizer.pad_token_id
+    result = fit(model, prepared.encoded["train"], prepared.encoded["val"], cfg.train, cfg.learning_rate,
+                 len(prepared.splits.labels), pad_id, dist=dist)
+    if evaluate_test:
+        device = pick_device()
+        predict(model, prepared.encoded["test"], cfg.train.eval_batch_size, pad_id, device,
+                resolve_precision(cfg.train.precision, device), dist=dist)
+    return Outcome("", result.best_val_metrics, {}, 0, 0, result.best_epoch)

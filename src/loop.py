@@ -7,7 +7,9 @@ top to bottom, and it gives exact control over batching, precision and host sync
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -49,8 +51,35 @@ class FitResult:
     stopped_early: bool = False
 
 
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands in a data-parallel job (`torchrun` / `accelerate launch`)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group the launcher describes in WORLD_SIZE/RANK; a plain run is world 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -106,9 +135,28 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n in names}
 
 
-@torch.inference_mode()
 def predict(model, enc: Encoded, batch_size: int, pad_id: int, device: torch.device,
-            dtype: torch.dtype, progress: str | None = None) -> Evaluation:
+            dtype: torch.dtype, progress: str | None = None, dist: Dist = Dist()) -> Evaluation:
+    """Each process scores its share; every process gets the whole result."""
+    if dist.world == 1:
+        return _predict(model, enc, batch_size, pad_id, device, dtype, progress)
+    import torch.distributed as tdist
+
+    mine = np.arange(dist.rank, len(enc), dist.world)
+    part = _predict(model, Encoded([enc.input_ids[i] for i in mine], enc.labels[mine]), batch_size, pad_id,
+                    device, dtype, progress if dist.main else None)
+    gathered: list = [None] * dist.world
+    tdist.all_gather_object(gathered, (mine, part.probs, part.loss * len(mine)))
+    probs = np.zeros((len(enc), part.probs.shape[1]), dtype=part.probs.dtype)
+    for idx, p, _ in gathered:
+        probs[idx] = p
+    loss = sum(g[2] for g in gathered) / len(enc)
+    return Evaluation(labels=enc.labels, probs=probs, loss=loss)
+
+
+@torch.inference_mode()
+def _predict(model, enc: Encoded, batch_size: int, pad_id: int, device: torch.device,
+             dtype: torch.dtype, progress: str | None = None) -> Evaluation:
     """Sorted by length, no gradients, logits kept on the device until one copy at the end."""
     model.eval()
     batches = sorted_batches(enc.lengths, batch_size)
@@ -135,12 +183,21 @@ def _better(metric: str, new: float, old: float | None) -> bool:
     return new < old if metric == "loss" else new > old
 
 
+def _shard(batches: list[np.ndarray], dist: Dist) -> list[np.ndarray]:
+    """Every process walks the same global batches and takes every world-th example of each:
+    lengths stay balanced across processes and the global batch equals a one-process run's."""
+    if dist.world == 1:
+        return batches
+    return [b[dist.rank::dist.world] for b in batches if len(b) >= dist.world]
+
+
 def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: float, n_classes: int,
         pad_id: int, logger: Logger | None = None,
-        on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None, dist: Dist = Dist()) -> FitResult:
     """Train, evaluate on validation after each epoch, and leave the best epoch's weights in `model`.
 
-    `on_epoch(epoch, val_metrics)` may raise to stop (e.g. an Optuna pruner).
+    `on_epoch(epoch, val_metrics)` may raise to stop (e.g. an Optuna pruner). Under a launcher
+    (`dist.world` > 1) `cfg.batch_size` is per process and gradients are averaged by DDP.
     """
     from transformers import get_scheduler
 
@@ -150,9 +207,15 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.to(device)
+    trained = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     rng = np.random.default_rng(cfg.seed)
     lengths = train.lengths
-    n_batches = math.ceil(len(train) / cfg.batch_size)
+    global_batch = cfg.batch_size * dist.world
+    n_batches = len(_shard(length_grouped_batches(lengths, global_batch, np.random.default_rng(0)), dist))
     steps_per_epoch = math.ceil(n_batches / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=learning_rate,
@@ -168,22 +231,27 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
     running = torch.zeros((), device=device)
     running_n = 0
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
+        trained.train()
         t0 = time.perf_counter()
-        batches = length_grouped_batches(lengths, cfg.batch_size, rng)
-        bar = tqdm(batches, desc=f"train epoch {epoch}/{cfg.epochs}", mininterval=2.0)
+        batches = _shard(length_grouped_batches(lengths, global_batch, rng), dist)
+        bar = tqdm(batches, desc=f"train epoch {epoch}/{cfg.epochs}", mininterval=2.0, disable=not dist.main)
         for i, idx in enumerate(bar):
             ids, mask, y = collate(train, idx, pad_id, multiple_of)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = model(input_ids=to_device(ids, device), attention_mask=to_device(mask, device)).logits
-            loss = F.cross_entropy(logits.float(), to_device(y, device))
-            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+            stepping = (i + 1) % cfg.gradient_accumulation_steps == 0 or i + 1 == len(batches)
+            # DDP all-reduces gradients only on the micro-step that updates the weights.
+            sync = contextlib.nullcontext() if stepping or dist.world == 1 else trained.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    logits = trained(input_ids=to_device(ids, device),
+                                     attention_mask=to_device(mask, device)).logits
+                loss = F.cross_entropy(logits.float(), to_device(y, device))
+                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
             running += loss.detach()  # stays on the device: no host sync per step
             running_n += 1
             result.samples_seen += len(idx)
             result.real_tokens_seen += int(lengths[idx].sum())
             result.padded_tokens_seen += ids.numel()
-            if (i + 1) % cfg.gradient_accumulation_steps and i + 1 != len(batches):
+            if not stepping:
                 continue
             if cfg.max_grad_norm > 0:
                 scaler.unscale_(optimizer)
@@ -194,6 +262,11 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % cfg.logging_steps == 0:
+                if dist.world > 1:
+                    import torch.distributed as tdist
+
+                    tdist.all_reduce(running)
+                    running /= dist.world
                 mean_loss = (running / running_n).item()
                 running.zero_()
                 running_n = 0
@@ -204,7 +277,8 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
             torch.cuda.synchronize(device)
         result.train_seconds += time.perf_counter() - t0
 
-        val_ev = predict(model, val, cfg.eval_batch_size, pad_id, device, dtype, progress=f"validate epoch {epoch}")
+        val_ev = predict(model, val, cfg.eval_batch_size, pad_id, device, dtype,
+                         progress=f"validate epoch {epoch}", dist=dist)
         val_metrics = metrics(val_ev, n_classes)
         logger.log_metrics({f"val/{k}": v for k, v in val_metrics.items() if not math.isnan(v)}, step=epoch)
         result.history.append({"epoch": epoch, **val_metrics})
@@ -225,6 +299,17 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
         model.load_state_dict(best_state, strict=False)
     result.best_epoch, result.best_val, result.best_val_metrics = best_epoch, best_val, best_metrics
     result.peak_memory_mb = peak_memory_mb(device)
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        # Throughput of the whole job: samples and tokens of every process over the slowest one's time.
+        totals = torch.tensor([result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen],
+                              dtype=torch.float64, device=device)
+        tdist.all_reduce(totals)
+        seconds = torch.tensor([result.train_seconds], dtype=torch.float64, device=device)
+        tdist.all_reduce(seconds, op=tdist.ReduceOp.MAX)
+        result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen = (int(v) for v in totals.tolist())
+        result.train_seconds = float(seconds.item())
     return result
 
 

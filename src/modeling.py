@@ -106,11 +106,16 @@ def load_tokenizer(name: str):
 
 def build_model(name: str, strategy: str, labels: list[str], lora: LoraConfig):
     """Return the model to train; for LoRA a PeftModel whose head trains and saves with it."""
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             name,
+            # transformers 5 loads a checkpoint in its stored dtype; a bf16/fp16 checkpoint would then
+            # train in pure half precision, where small updates vanish. fp32 master weights, and
+            # autocast for bf16/fp16 compute, are the mixed-precision recipe.
+            dtype=torch.float32,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={n: i for i, n in enumerate(labels)},

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import socket
+import warnings
 from typing import Any
 
 import click
@@ -143,6 +144,8 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
     storage = make_storage(tc)
     direction = "minimize" if cfg.train.selection_metric == "loss" else "maximize"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Heartbeats and stale-trial handling are marked experimental, stable in use since Optuna 2.9.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         study = optuna.create_study(study_name=tc.study_name, storage=storage, direction=direction,
                                     sampler=optuna.samplers.TPESampler(seed=tc.sampler_seed),
@@ -259,8 +262,6 @@ def _summary(study) -> str:
 
 def _log_figures(study) -> None:
     """Optimization history, parameter importances and rank-vs-alpha, each where Optuna can draw it."""
-    import warnings
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,7 +285,9 @@ def _log_figures(study) -> None:
             continue
         fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
         fig.set_size_inches(8, 6)
-        fig.tight_layout()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # contour plots carry a colorbar axis tight_layout cannot place
+            fig.tight_layout()
         mlflow.log_figure(fig, f"study/{name}")
         plt.close(fig)
 
