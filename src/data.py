@@ -6,6 +6,7 @@ any type are mapped to 0..K-1 in sorted order and the mapping travels with the r
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ class Splits:
     labels: list[str]  # id -> name
     train_source: str  # where train (and so validation) came from: a file path or "<hub name>:<split>"
     test_source: str
+    test_in_train: int = 0  # test texts that also occur in train or validation (a leak to know about)
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -130,9 +132,14 @@ def load_splits(cfg: DataConfig) -> Splits:
     fit = _cap(fit, cfg.max_train_samples, cfg.split_seed)
     val = _cap(val, cfg.max_val_samples, cfg.split_seed)
     test = _cap(test, cfg.max_test_samples, cfg.split_seed)
+    seen = set(fit["text"]) | set(val["text"])
+    overlap = int(test["text"].isin(seen).sum())
+    if overlap:
+        logging.getLogger(__name__).warning(
+            "%d test text(s) also occur in train/validation; test metrics include them", overlap)
     return Splits(
         train=fit.reset_index(drop=True), val=val.reset_index(drop=True), test=test.reset_index(drop=True),
-        labels=[str(v) for v in names], train_source=sources[0], test_source=sources[1],
+        labels=[str(v) for v in names], train_source=sources[0], test_source=sources[1], test_in_train=overlap,
     )
 
 

@@ -36,12 +36,19 @@ _PREPARED: dict[tuple, Prepared] = {}
 def preflight(cfg: RunConfig):
     """Cheap checks and loads, in order of cost; returns (splits, tokenizer)."""
     from .data import load_splits
-    from .modeling import check_targets, load_tokenizer
+    from .modeling import check_targets, length_limit, load_config, load_tokenizer
+    from .tracking import check_reachable
 
     splits = load_splits(cfg.data)
+    check_reachable()
     tokenizer = load_tokenizer(cfg.model.model)
+    config = load_config(cfg.model.model)
+    limit = length_limit(config, tokenizer)
+    if cfg.data.max_length > limit:
+        raise ConfigError(f"--max-length {cfg.data.max_length} exceeds what {cfg.model.model!r} takes ({limit} "
+                          f"tokens); pass --max-length {limit} or less")
     if cfg.model.strategy == "lora":
-        check_targets(cfg.model.model, cfg.lora)
+        check_targets(config, cfg.lora)
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"the tokenizer of {cfg.model.model!r} has no padding token; pick an encoder model")
     return splits, tokenizer
@@ -53,9 +60,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     key = (repr(cfg.data), cfg.model.model)
     if key in _PREPARED:
         if cfg.model.strategy == "lora":
-            from .modeling import check_targets
+            from .modeling import check_targets, load_config
 
-            check_targets(cfg.model.model, cfg.lora)
+            check_targets(load_config(cfg.model.model), cfg.lora)
         return _PREPARED[key]
     splits, tokenizer = preflight(cfg)
     from .data import tokenize

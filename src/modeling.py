@@ -74,15 +74,29 @@ def resolve_targets(model_type: str, lora: LoraConfig) -> list[str] | str:
     return LORA_TARGETS[model_type]
 
 
-def check_targets(name: str, lora: LoraConfig) -> list[str] | str:
-    """Resolve and check LoRA targets from the architecture alone (meta device: no weights read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def load_config(name: str):
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+        return AutoConfig.from_pretrained(name, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"could not load the model config of {name!r} ({str(exc).splitlines()[0]})") from exc
+
+
+def length_limit(config, tokenizer) -> int:
+    """The longest input the model takes: the tokenizer's limit where it states one (RoBERTa's
+    514 positions hold 512 tokens), else the position table."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit and limit < 1_000_000:  # transformers uses a huge sentinel for "not set"
+        return int(limit)
+    return int(getattr(config, "max_position_embeddings", 512))
+
+
+def check_targets(config, lora: LoraConfig) -> list[str] | str:
+    """Resolve and check LoRA targets from the architecture alone (meta device: no weights read)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
     targets = resolve_targets(config.model_type, lora)
     if isinstance(targets, list):
         with torch.device("meta"):

@@ -22,6 +22,38 @@ import mlflow
 from .config import RunConfig
 
 
+def check_reachable(timeout: float = 5.0) -> None:
+    """A remote tracking server that is down should cost five seconds, not a training run: MLflow's
+    own client would retry for minutes, and only after the model was trained."""
+    import urllib.error
+    import urllib.request
+
+    from .config import ConfigError
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    shown = redact(uri)
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise ConfigError(f"MLflow tracking server {shown} is not reachable ({reason}); start it, fix "
+                      f"MLFLOW_TRACKING_URI, or unset it to use the local sqlite:///mlflow.db")
+
+
+def redact(uri: str) -> str:
+    """Passwords in URLs never reach params, tags or messages."""
+    import re
+
+    return re.sub(r"//([^:/@]+):[^@/]+@", r"//\1:***@", uri)
+
+
 class MlflowLogger:
     """The loop's logger. Asynchronous so a slow tracking server never stalls a training step."""
 
@@ -80,7 +112,8 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any]) -> None:
     run_id = mlflow.active_run().info.run_id
     existing = client.get_run(run_id).data.params
     values = {**cfg.flat(), **params, "num_labels": len(splits.labels),
-              "train_size": len(splits.train), "val_size": len(splits.val), "test_size": len(splits.test)}
+              "train_size": len(splits.train), "val_size": len(splits.val), "test_size": len(splits.test),
+              "test_texts_in_train": splits.test_in_train}
     fresh = {k: str(v) for k, v in values.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)

@@ -157,7 +157,7 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
     client = mlflow.MlflowClient()
 
     study_settings = {f.name: getattr(tc, f.name) for f in TUNE_FIELDS}
-    study_settings["storage"] = _redact(tc.storage)
+    study_settings["storage"] = tracking.redact(tc.storage)
     with tracking.run(base, name=f"study-{tc.study_name}",
                       tags={"optuna.study": tc.study_name, "tune.host": socket.gethostname(),
                             "tune.pid": str(os.getpid()), "strategy": "lora-search"}) as parent:
@@ -240,13 +240,6 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
 
 def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _redact(uri: str) -> str:
-    """Passwords in a storage URL never reach params or logs."""
-    import re
-
-    return re.sub(r"//([^:/@]+):[^@/]+@", r"//\1:***@", uri)
 
 
 def _summary(study) -> str:

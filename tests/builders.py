@@ -63,7 +63,7 @@ def write_tokenizer(folder: Path, kind: str = "distilbert") -> None:
     (folder / "vocab.txt").write_text("\n".join(t for t, _ in vocab) + "\n")
     cls = DistilBertTokenizer if kind == "distilbert" else BertTokenizer
     # transformers 5 takes the vocabulary itself (`vocab=`); the old `vocab_file=` is silently ignored.
-    cls(vocab=dict(vocab), do_lower_case=True, model_max_length=128).save_pretrained(folder)
+    cls(vocab=dict(vocab), do_lower_case=True, model_max_length=512).save_pretrained(folder)
 
 
 def write_model(folder: Path, kind: str = "distilbert", seed: int = 0, pretrain: bool = True) -> Path:
@@ -88,11 +88,11 @@ def write_model(folder: Path, kind: str = "distilbert", seed: int = 0, pretrain:
     torch.manual_seed(seed)
     if kind == "distilbert":
         model = DistilBertForSequenceClassification(DistilBertConfig(
-            vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128))
+            vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=512))
     else:
         model = BertForSequenceClassification(BertConfig(
             vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=128))
+            intermediate_size=64, max_position_embeddings=512))
     if pretrain:
         df = sentiment_frame(320, seed=11)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

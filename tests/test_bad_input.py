@@ -3,7 +3,7 @@
 import pytest
 
 from tests.builders import sentiment_frame
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,9 @@ CASES = {
     "missing model folder": (["--model", "{d}/no-such-model"], "could not load a tokenizer"),
     "unknown LoRA target": (["--lora-target-modules", "q_proj"], "LoRA targets ['q_proj'] do not match"),
     "train without test": (["--test-data", ""], "--train-data needs --test-data"),
+    "max_length beyond the model": (["--max-length", "1024"], "--max-length 1024 exceeds"),
+    "tracking server down": (["--experiment-name", "x"], "is not reachable"),
+    "bad registered model name": (["--registered-model-name", "my model!"], "--registered-model-name may hold"),
 }
 
 
@@ -48,7 +51,8 @@ def test_bad_input_fails_fast_and_cleanly(name, bad_files, distilbert_dir, track
     for i in range(0, len(given) - 1, 2):
         base.pop(given[i], None)
     argv = [x for kv in base.items() for x in kv] + given
-    proc = run_cli(argv, timeout=120)
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"} if name == "tracking server down" else None
+    proc = run_cli(argv, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]

@@ -30,8 +30,8 @@ def test_two_processes_train_as_one_run(tracking, distilbert_dir, data_files):
     one = only_run(tracking, "ddp-single")
     # same global batches, so the same number of optimizer steps; the result within noise
     steps = [[m.step for m in tracking.get_metric_history(r.info.run_id, "train/loss")] for r in (ddp, one)]
-    assert steps[0] == steps[1] and len(steps[0]) == 2 * 23
-    assert ddp.data.metrics["val/best_accuracy"] >= 0.85
+    assert steps[0] == steps[1] and len(steps[0]) == 2 * 23, steps
+    assert ddp.data.metrics["val/best_accuracy"] >= 0.85, ddp.data.metrics
     assert ddp.data.metrics["val/best_accuracy"] == pytest.approx(one.data.metrics["val/best_accuracy"], abs=0.1)
     assert ddp.data.metrics["test/accuracy"] == pytest.approx(one.data.metrics["test/accuracy"], abs=0.1)
     assert int(ddp.data.params["train_size"]) == 360

@@ -174,3 +174,16 @@ def test_bad_tune_input(args, message, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr
     assert not list(tmp_path.iterdir())  # no storage, no mlflow.db
+
+
+def test_journal_file_storage(tracking, distilbert_dir, data_files, tmp_path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = tmp_path / "study.log"
+    tc = TuneConfig(n_trials=1, study_name="journal", storage=str(journal), pruner="none",
+                    learning_rate_range="5e-3,5e-3", lora_r_choices="4", target_module_choices="auto",
+                    evaluate_test=False)
+    run_study(base_cfg(distilbert_dir, data_files, "tune-journal", epochs=1, registered_model_name=""), tc)
+    study = optuna.load_study(study_name="journal", storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
