@@ -83,17 +83,10 @@ def sample(trial, space: dict[str, list]) -> dict[str, Any]:
 
 
 def trial_config(base: RunConfig, params: dict[str, Any], number: int) -> RunConfig:
-    cfg = RunConfig.from_flat({**{k: v for k, v in base_flat(base).items()}, **params,
-                               "registered_model_name": "", "strategy": "lora"})
+    """The LoRA run of one trial: the base settings with the sampled ones; trials never register."""
+    cfg = RunConfig.from_flat({**base.flat(), **params, "registered_model_name": ""})
     cfg.tracking.run_name = f"trial-{number}-{cfg.default_run_name()}"
     return cfg
-
-
-def base_flat(cfg: RunConfig) -> dict[str, Any]:
-    out = {}
-    for group in (cfg.data, cfg.model, cfg.lora, cfg.train, cfg.tracking):
-        out.update(dataclasses.asdict(group))
-    return out
 
 
 def close_orphans(client, experiment_id: str, study, study_name: str) -> int:
@@ -211,8 +204,10 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
         done = (TrialState.COMPLETE, TrialState.PRUNED)
         remaining = tc.n_trials - len(study.get_trials(deepcopy=False, states=done))
         if remaining > 0:
-            study.optimize(objective, callbacks=[MaxTrialsCallback(tc.n_trials, states=done), progress],
-                           catch=(Exception,), gc_after_trial=True)
+            # n_trials bounds this worker (failed trials count here, so a broken setup cannot loop
+            # forever); MaxTrialsCallback stops it early when other workers reach the shared target.
+            study.optimize(objective, n_trials=remaining, catch=(Exception,), gc_after_trial=True,
+                           callbacks=[MaxTrialsCallback(tc.n_trials, states=done), progress])
         summary = _summary(study)
         click.echo(summary)
         mlflow.log_text(summary, "study/trials.md")
