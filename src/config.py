@@ -124,6 +124,9 @@ class TrainConfig:
                                  choices=SELECTION_METRICS)
     early_stopping_patience: int = _opt(0, "Stop after this many epochs without validation improvement (0 = off).")
     logging_steps: int = _opt(10, "Log the mean training loss every this many optimizer steps.")
+    checkpoint_dir: str = _opt("checkpoints", "Checkpoints go to <dir>/<run id>/last.pt after every epoch and on "
+                               "Ctrl-C/SIGTERM; removed when the run finishes. Empty = none.")
+    checkpoint_steps: int = _opt(0, "Also checkpoint every this many optimizer steps (0 = per epoch only).")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -137,6 +140,8 @@ class TrainConfig:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"--max-grad-norm must be >= 0 (0 = off), got {self.max_grad_norm}")
+        if self.checkpoint_steps < 0:
+            raise ConfigError(f"--checkpoint-steps must be >= 0, got {self.checkpoint_steps}")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"--early-stopping-patience must be >= 0, got {self.early_stopping_patience}")
         for name, allowed in (("precision", PRECISIONS), ("lr_scheduler", SCHEDULERS),
@@ -152,11 +157,15 @@ class TrackingConfig:
                                 "which chooses it).")
     run_name: str = _opt("", "MLflow run name; empty = derived, e.g. lora-r8-a32-lr5e-4.")
     registered_model_name: str = _opt("", "If set, log a servable model and register it under this name.")
+    resume_run_id: str = _opt("", "Continue this interrupted run (same MLflow run) from its checkpoint in "
+                              "--checkpoint-dir, with the same settings.")
 
     def __post_init__(self) -> None:
         name = self.registered_model_name
         if name and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", name):
             raise ConfigError(f"--registered-model-name may hold letters, digits, '_', '-', '.', got {name!r}")
+        if self.resume_run_id and not re.fullmatch(r"[0-9a-f]{32}", self.resume_run_id):
+            raise ConfigError(f"--resume-run-id must be an MLflow run id (32 hex digits), got {self.resume_run_id!r}")
 
 
 GROUPS = (DataConfig, ModelConfig, LoraConfig, TrainConfig, TrackingConfig)

@@ -91,13 +91,23 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
 
     import mlflow
 
-    from . import tracking
+    from . import checkpoint, tracking
     from .loop import fit, pick_device, predict, resolve_precision, seed_everything, throughput
     from .modeling import build_model, count_params, servable
 
-    with tracking.run(cfg, nested=nested, tags=tags, killed_on=killed_on) as active:
+    resume_id = cfg.tracking.resume_run_id
+    state = None
+    if resume_id:
+        if dist.world > 1:
+            raise ConfigError("--resume-run-id works in a single process for now; resume without the launcher")
+        tracking.check_resumable(resume_id)
+        state = checkpoint.load(cfg.train.checkpoint_dir, resume_id, cfg.flat())
+    with tracking.run(cfg, nested=nested, tags=tags, killed_on=killed_on, resume_run_id=resume_id) as active:
+        run_id = active.info.run_id
         if on_start is not None:
-            on_start(active.info.run_id)
+            on_start(run_id)
+        saver = checkpoint.Checkpointer(cfg.train.checkpoint_dir, run_id, cfg.flat()) \
+            if cfg.train.checkpoint_dir else None
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model.model, cfg.model.strategy, splits.labels, cfg.lora)
         counts = count_params(model)
@@ -107,10 +117,11 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
             "trainable_params": counts.trainable, "total_params": counts.total,
             "trainable_pct": round(counts.pct, 4), "device": device.type, "compute_dtype": str(dtype).split(".")[-1],
             "world_size": dist.world, "global_batch_size": cfg.train.batch_size * dist.world,
-        })
+        }, resumed=bool(resume_id))
         pad_id = tokenizer.pad_token_id
+        logger = tracking.MlflowLogger(tracking.last_steps(run_id) if resume_id else None)
         result = fit(model, encoded["train"], encoded["val"], cfg.train, cfg.learning_rate, len(splits.labels),
-                     pad_id, logger=tracking.MlflowLogger(), on_epoch=on_epoch, dist=dist)
+                     pad_id, logger=logger, on_epoch=on_epoch, dist=dist, checkpointer=saver, resume=state)
         mlflow.log_metrics({**throughput(result), "best_epoch": result.best_epoch})
         # val/accuracy etc. are per-epoch histories; val/best_* hold the selected epoch for comparisons.
         val = tracking.log_evaluation("val", result.best_val, splits.labels, prefix="best_")
@@ -125,7 +136,9 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
         if cfg.tracking.registered_model_name:
             tracking.log_servable(servable(model).cpu(), tokenizer, cfg.data.max_length,
                                   cfg.tracking.registered_model_name)
-        return Outcome(active.info.run_id, val, test, counts.trainable, counts.total, result.best_epoch)
+        if saver is not None:
+            saver.remove()  # finished: the model and its metrics are in MLflow now
+        return Outcome(run_id, val, test, counts.trainable, counts.total, result.best_epoch)
 
 
 def _train_quietly(cfg: RunConfig, prepared: Prepared, dist, evaluate_test: bool) -> Outcome:

@@ -29,11 +29,16 @@ from .evaluate import Evaluation, metrics
 class Logger(Protocol):
     def log_metrics(self, values: dict[str, float], step: int) -> None: ...
 
+    def flush(self) -> None: ...
+
 
 class NullLogger:
     """Tracking off: benchmarks and tests of the core run the same loop without MLflow."""
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
 
@@ -193,13 +198,19 @@ def _shard(batches: list[np.ndarray], dist: Dist) -> list[np.ndarray]:
 
 def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: float, n_classes: int,
         pad_id: int, logger: Logger | None = None,
-        on_epoch: Callable[[int, dict[str, float]], None] | None = None, dist: Dist = Dist()) -> FitResult:
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None, dist: Dist = Dist(),
+        checkpointer=None, resume: dict | None = None) -> FitResult:
     """Train, evaluate on validation after each epoch, and leave the best epoch's weights in `model`.
 
     `on_epoch(epoch, val_metrics)` may raise to stop (e.g. an Optuna pruner). Under a launcher
     (`dist.world` > 1) `cfg.batch_size` is per process and gradients are averaged by DDP.
+    With a `checkpointer`, state is saved after every epoch (and every `cfg.checkpoint_steps`
+    optimizer steps), and Ctrl-C/SIGTERM save one at the next optimizer step before stopping;
+    `resume` (a loaded checkpoint) continues exactly where it was saved.
     """
     from transformers import get_scheduler
+
+    from .checkpoint import StopOnSignal
 
     logger = logger or NullLogger()
     device = pick_device()
@@ -230,70 +241,120 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
     bad_epochs, step = 0, 0
     running = torch.zeros((), device=device)
     running_n = 0
-    for epoch in range(1, cfg.epochs + 1):
-        trained.train()
-        t0 = time.perf_counter()
-        batches = _shard(length_grouped_batches(lengths, global_batch, rng), dist)
-        bar = tqdm(batches, desc=f"train epoch {epoch}/{cfg.epochs}", mininterval=2.0, disable=not dist.main)
-        for i, idx in enumerate(bar):
-            ids, mask, y = collate(train, idx, pad_id, multiple_of)
-            stepping = (i + 1) % cfg.gradient_accumulation_steps == 0 or i + 1 == len(batches)
-            # DDP all-reduces gradients only on the micro-step that updates the weights.
-            sync = contextlib.nullcontext() if stepping or dist.world == 1 else trained.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    logits = trained(input_ids=to_device(ids, device),
-                                     attention_mask=to_device(mask, device)).logits
-                loss = F.cross_entropy(logits.float(), to_device(y, device))
-                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-            running += loss.detach()  # stays on the device: no host sync per step
-            running_n += 1
-            result.samples_seen += len(idx)
-            result.real_tokens_seen += int(lengths[idx].sum())
-            result.padded_tokens_seen += ids.numel()
-            if not stepping:
-                continue
-            if cfg.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % cfg.logging_steps == 0:
-                if dist.world > 1:
-                    import torch.distributed as tdist
+    first_epoch, skip = 1, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"], strict=False)
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        rng.bit_generator.state = resume["rng_epoch"]
+        torch.set_rng_state(resume["torch_rng"])
+        first_epoch, skip, step = resume["epoch"], resume["batch_index"], resume["step"]
+        best_state, best_score, best_epoch = resume["best_state"], resume["best_score"], resume["best_epoch"]
+        best_metrics, best_val, bad_epochs = resume["best_metrics"], resume["best_val"], resume["bad_epochs"]
+        result.history = resume["history"]
+        running += resume["running"]
+        running_n = resume["running_n"]
+        (result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen,
+         result.train_seconds) = resume["counts"]
 
-                    tdist.all_reduce(running)
-                    running /= dist.world
-                mean_loss = (running / running_n).item()
-                running.zero_()
-                running_n = 0
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
-                logger.log_metrics({"train/loss": mean_loss, "train/learning_rate": scheduler.get_last_lr()[0],
-                                    "train/epoch": step / steps_per_epoch}, step=step)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        result.train_seconds += time.perf_counter() - t0
+    def snapshot(epoch: int, batch_index: int, rng_epoch: dict) -> None:
+        """Everything the next step depends on: `batch_index` batches of `epoch` are done, and
+        `rng_epoch` regenerates that epoch's batch order."""
+        if checkpointer is None or not dist.main:
+            return
+        # Metrics up to here must be on the server before the checkpoint says they are done:
+        # a resume re-logs only steps after the server's last one, so nothing is lost or doubled.
+        logger.flush()
+        checkpointer.save({
+            "epoch": epoch, "batch_index": batch_index, "step": step, "rng_epoch": rng_epoch,
+            "torch_rng": torch.get_rng_state(), "model": _trainable_state(model),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "best_state": best_state, "best_score": best_score, "best_epoch": best_epoch,
+            "best_metrics": best_metrics, "best_val": best_val, "bad_epochs": bad_epochs,
+            "history": result.history, "running": float(running), "running_n": running_n,
+            "counts": (result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen,
+                       result.train_seconds),
+        })
 
-        val_ev = predict(model, val, cfg.eval_batch_size, pad_id, device, dtype,
-                         progress=f"validate epoch {epoch}", dist=dist)
-        val_metrics = metrics(val_ev, n_classes)
-        logger.log_metrics({f"val/{k}": v for k, v in val_metrics.items() if not math.isnan(v)}, step=epoch)
-        result.history.append({"epoch": epoch, **val_metrics})
-        score = val_metrics[cfg.selection_metric]
-        if _better(cfg.selection_metric, score, best_score):
-            best_score, best_epoch, best_val, best_metrics = score, epoch, val_ev, val_metrics
-            best_state = _trainable_state(model)
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        if on_epoch is not None:
-            on_epoch(epoch, val_metrics)
-        if cfg.early_stopping_patience and bad_epochs >= cfg.early_stopping_patience and epoch < cfg.epochs:
-            result.stopped_early = True
-            break
+    stop = StopOnSignal() if checkpointer is not None else None
+    epoch = first_epoch - 1
+    with stop or contextlib.nullcontext():
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            trained.train()
+            t0 = time.perf_counter()
+            rng_epoch = rng.bit_generator.state
+            batches = _shard(length_grouped_batches(lengths, global_batch, rng), dist)
+            start, skip = skip, 0
+            bar = tqdm(range(start, len(batches)), desc=f"train epoch {epoch}/{cfg.epochs}", mininterval=2.0,
+                       disable=not dist.main, initial=start, total=len(batches))
+            for i in bar:
+                idx = batches[i]
+                ids, mask, y = collate(train, idx, pad_id, multiple_of)
+                stepping = (i + 1) % cfg.gradient_accumulation_steps == 0 or i + 1 == len(batches)
+                # DDP all-reduces gradients only on the micro-step that updates the weights.
+                sync = contextlib.nullcontext() if stepping or dist.world == 1 else trained.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                        logits = trained(input_ids=to_device(ids, device),
+                                         attention_mask=to_device(mask, device)).logits
+                    loss = F.cross_entropy(logits.float(), to_device(y, device))
+                    scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+                running += loss.detach()  # stays on the device: no host sync per step
+                running_n += 1
+                result.samples_seen += len(idx)
+                result.real_tokens_seen += int(lengths[idx].sum())
+                result.padded_tokens_seen += ids.numel()
+                if not stepping:
+                    continue
+                if cfg.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % cfg.logging_steps == 0:
+                    if dist.world > 1:
+                        import torch.distributed as tdist
+
+                        tdist.all_reduce(running)
+                        running /= dist.world
+                    mean_loss = (running / running_n).item()
+                    running.zero_()
+                    running_n = 0
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    logger.log_metrics({"train/loss": mean_loss, "train/learning_rate": scheduler.get_last_lr()[0],
+                                        "train/epoch": step / steps_per_epoch}, step=step)
+                if stop is not None and (stop.requested or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0)):
+                    snapshot(epoch, i + 1, rng_epoch)
+                    if stop.requested:
+                        raise KeyboardInterrupt("stopped by a signal; checkpoint saved")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            result.train_seconds += time.perf_counter() - t0
+
+            val_ev = predict(model, val, cfg.eval_batch_size, pad_id, device, dtype,
+                             progress=f"validate epoch {epoch}", dist=dist)
+            val_metrics = metrics(val_ev, n_classes)
+            logger.log_metrics({f"val/{k}": v for k, v in val_metrics.items() if not math.isnan(v)}, step=epoch)
+            result.history.append({"epoch": epoch, **val_metrics})
+            score = val_metrics[cfg.selection_metric]
+            if _better(cfg.selection_metric, score, best_score):
+                best_score, best_epoch, best_val, best_metrics = score, epoch, val_ev, val_metrics
+                best_state = _trainable_state(model)
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            if on_epoch is not None:
+                on_epoch(epoch, val_metrics)
+            snapshot(epoch + 1, 0, rng.bit_generator.state)
+            if stop is not None and stop.requested:
+                raise KeyboardInterrupt("stopped by a signal; checkpoint saved")
+            if cfg.early_stopping_patience and bad_epochs >= cfg.early_stopping_patience and epoch < cfg.epochs:
+                result.stopped_early = True
+                break
 
     if best_state is not None and best_epoch != epoch:
         model.load_state_dict(best_state, strict=False)

@@ -55,12 +55,40 @@ def redact(uri: str) -> str:
 
 
 class MlflowLogger:
-    """The loop's logger. Asynchronous so a slow tracking server never stalls a training step."""
+    """The loop's logger. Asynchronous so a slow tracking server never stalls a training step.
+
+    A resumed run repeats the steps after its checkpoint that were already logged before the
+    interruption; `logged` (key -> last step on the server) keeps each step once."""
+
+    def __init__(self, logged: dict[str, int] | None = None) -> None:
+        self.logged = logged or {}
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
-        clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        clean = {k: float(v) for k, v in values.items()
+                 if v is not None and math.isfinite(float(v)) and step > self.logged.get(k, -1)}
         if clean:
             mlflow.log_metrics(clean, step=step, synchronous=False)
+
+    def flush(self) -> None:
+        mlflow.flush_async_logging()
+
+
+def last_steps(run_id: str) -> dict[str, int]:
+    """Per metric key, the last step the server holds for a run."""
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+
+
+def check_resumable(run_id: str) -> None:
+    from .config import ConfigError
+
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"run {run_id} does not exist on {redact(mlflow.get_tracking_uri())}") from None
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {run_id} already FINISHED; nothing to resume")
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001
@@ -69,20 +97,24 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001
 
 @contextlib.contextmanager
 def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None, name: str = "",
-        killed_on: tuple[type[BaseException], ...] = ()) -> Iterator[mlflow.ActiveRun]:
+        killed_on: tuple[type[BaseException], ...] = (), resume_run_id: str = "") -> Iterator[mlflow.ActiveRun]:
     """Open (or, inside `mlflow run`, resume) the run; always close it with the true status.
 
     FINISHED on success, KILLED on Ctrl-C, SIGTERM or an exception in `killed_on` (an Optuna
     prune), FAILED with the traceback as an artifact on any other error: never left RUNNING.
     """
     inside_project = bool(os.environ.get("MLFLOW_RUN_ID")) and not nested
-    if not inside_project and not nested:
-        mlflow.set_experiment(cfg.tracking.experiment_name)
-    name = name or cfg.tracking.run_name or cfg.default_run_name()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    active = mlflow.start_run(run_name=None if inside_project else name, nested=nested)
+    if resume_run_id:
+        active = mlflow.start_run(run_id=resume_run_id)  # back to RUNNING, same id, same history
+    else:
+        if not inside_project and not nested:
+            mlflow.set_experiment(cfg.tracking.experiment_name)
+        name = name or cfg.tracking.run_name or cfg.default_run_name()
+        active = mlflow.start_run(run_name=None if inside_project else name, nested=nested)
     try:
-        mlflow.set_tags({"mlflow.runName": name, **(tags or {})})
+        if not resume_run_id:
+            mlflow.set_tags({"mlflow.runName": name, **(tags or {})})
         yield active
     except (KeyboardInterrupt, *killed_on):
         _close(active, "KILLED")
@@ -105,7 +137,7 @@ def _close(active: mlflow.ActiveRun, status: str) -> None:
         mlflow.end_run(status)
 
 
-def log_setup(cfg: RunConfig, splits, params: dict[str, Any]) -> None:
+def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = False) -> None:
     """Params once each: settings already logged by `mlflow run -P` are skipped, not re-logged,
     because MLflow refuses a second value for a key ("5e-4" vs 0.0005 would clash)."""
     client = mlflow.MlflowClient()
@@ -129,6 +161,8 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any]) -> None:
         name, split = where.rsplit(":", 1)
         return HuggingFaceDatasetSource(path=name, split=split)
 
+    if resumed:
+        return  # inputs were logged when the run started
     for context, df, where in (("train", splits.train, splits.train_source),
                                ("validation", splits.val, splits.train_source),
                                ("test", splits.test, splits.test_source)):

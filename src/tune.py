@@ -45,6 +45,8 @@ def make_storage(tc: TuneConfig):
     from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
+    # Heartbeats and stale-trial handling are marked experimental, stable in use since Optuna 2.9.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if tc.storage.endswith(".log"):
         return JournalStorage(JournalFileBackend(tc.storage))
     try:
@@ -84,7 +86,9 @@ def sample(trial, space: dict[str, list]) -> dict[str, Any]:
 
 def trial_config(base: RunConfig, params: dict[str, Any], number: int) -> RunConfig:
     """The LoRA run of one trial: the base settings with the sampled ones; trials never register."""
-    cfg = RunConfig.from_flat({**base.flat(), **params, "registered_model_name": ""})
+    # Trials are not resumable (a killed trial is FAIL in Optuna), so they write no checkpoints.
+    cfg = RunConfig.from_flat({**base.flat(), **params, "registered_model_name": "", "checkpoint_dir": "",
+                               "resume_run_id": ""})
     cfg.tracking.run_name = f"trial-{number}-{cfg.default_run_name()}"
     return cfg
 
@@ -137,8 +141,6 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
     storage = make_storage(tc)
     direction = "minimize" if cfg.train.selection_metric == "loss" else "maximize"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Heartbeats and stale-trial handling are marked experimental, stable in use since Optuna 2.9.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         study = optuna.create_study(study_name=tc.study_name, storage=storage, direction=direction,
                                     sampler=optuna.samplers.TPESampler(seed=tc.sampler_seed),

@@ -10,6 +10,7 @@ import pytest
 
 from src.config import RunConfig
 from tests.conftest import ROOT
+from tests.test_end_to_end import only_run
 
 
 def wait_for_metric(client, experiment, key, timeout=180):
@@ -23,12 +24,17 @@ def wait_for_metric(client, experiment, key, timeout=180):
     raise AssertionError(f"no {key} in {experiment} after {timeout}s")
 
 
+def train_cmd(model_dir, data_files, experiment, checkpoints, *extra):
+    return [sys.executable, "-m", "src.train", "--model", str(model_dir), "--train-data", str(data_files[0]),
+            "--test-data", str(data_files[1]), "--experiment-name", experiment, "--checkpoint-dir", str(checkpoints),
+            "--learning-rate", "5e-3", "--batch-size", "16", "--logging-steps", "1", *extra]
+
+
 @pytest.mark.parametrize("sig, experiment", [(signal.SIGTERM, "sigterm"), (signal.SIGINT, "sigint")])
-def test_signal_mid_training_ends_run_killed(tracking, distilbert_dir, data_files, sig, experiment):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "src.train", "--model", str(distilbert_dir), "--train-data", str(data_files[0]),
-         "--test-data", str(data_files[1]), "--epochs", "200", "--experiment-name", experiment],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def test_signal_mid_training_ends_run_killed_with_a_checkpoint(tracking, distilbert_dir, data_files, sig,
+                                                               experiment, tmp_path):
+    proc = subprocess.Popen(train_cmd(distilbert_dir, data_files, experiment, tmp_path, "--epochs", "200"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         run = wait_for_metric(tracking, experiment, "val/accuracy")  # mid-training: an epoch is done
         proc.send_signal(sig)
@@ -37,6 +43,43 @@ def test_signal_mid_training_ends_run_killed(tracking, distilbert_dir, data_file
         proc.kill()
     assert proc.returncode != 0
     assert tracking.get_run(run.info.run_id).info.status == "KILLED", err[-2000:]
+    assert (tmp_path / run.info.run_id / "last.pt").is_file()
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tracking, distilbert_dir, data_files, tmp_path):
+    whole = subprocess.run(train_cmd(distilbert_dir, data_files, "uninterrupted", tmp_path / "a", "--epochs", "3"),
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    reference = only_run(tracking, "uninterrupted")
+    assert not (tmp_path / "a" / reference.info.run_id).exists()  # removed once FINISHED
+
+    cmd = train_cmd(distilbert_dir, data_files, "interrupted", tmp_path / "b", "--epochs", "3",
+                    "--checkpoint-steps", "5")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run = wait_for_metric(tracking, "interrupted", "val/accuracy")  # epoch 1 done: killed inside epoch 2
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    run_id = run.info.run_id
+    assert tracking.get_run(run_id).info.status == "RUNNING"  # kill -9: nobody could close it
+    again = subprocess.run(cmd + ["--resume-run-id", run_id], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = tracking.get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    assert len(tracking.search_runs([resumed.info.experiment_id])) == 1  # the same run, not a new one
+    for key in ("train/loss", "train/learning_rate", "val/accuracy", "val/loss"):
+        got, want = history(tracking, run_id, key), history(tracking, reference.info.run_id, key)
+        assert [s for s, _ in got] == [s for s, _ in want], key  # no step lost, none twice
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-5), key
+    for key in ("test/accuracy", "test/loss", "val/best_accuracy"):
+        assert resumed.data.metrics[key] == pytest.approx(reference.data.metrics[key], abs=1e-5)
 
 
 def test_exception_ends_run_failed_with_traceback(tracking, distilbert_dir, data_files):

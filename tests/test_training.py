@@ -19,6 +19,9 @@ def _fit(model_dir, data_files, strategy, lr, seed=0, epochs=3):
         def log_metrics(self, values, step):
             seen.append((step, values))
 
+        def flush(self):
+            pass
+
     return fit(model, train, val, cfg, lr, 2, tok.pad_token_id, logger=Recorder()), seen
 
 
