@@ -134,7 +134,8 @@ def build_model(name: str, strategy: str, labels: list[str], lora: LoraConfig):
             id2label=dict(enumerate(labels)),
             label2id={n: i for i, n in enumerate(labels)},
             trust_remote_code=False,
-            use_safetensors=None,
+            # safetensors only: a pickled .bin checkpoint can run code when loaded.
+            use_safetensors=True,
         )
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"could not load model {name!r} ({str(exc).splitlines()[0]})") from exc

@@ -27,7 +27,8 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.device = pick_device()
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+        self.model = model.to(self.device).eval()
         self.max_length = max_length
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 

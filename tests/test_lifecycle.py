@@ -1,15 +1,17 @@
 """A run always ends with its true status: KILLED on SIGTERM/Ctrl-C, FAILED with its traceback."""
 
+import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import mlflow
 import pytest
 
 from src.config import RunConfig
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, start_mlflow_server, stop_mlflow_server
 from tests.test_end_to_end import only_run
 
 
@@ -95,3 +97,35 @@ def test_exception_ends_run_failed_with_traceback(tracking, distilbert_dir, data
     assert run.info.status == "FAILED"
     text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/error/traceback.txt")
     assert "ZeroDivisionError" in text
+
+
+def test_tracking_server_restart_mid_run_loses_nothing(distilbert_dir, data_files, tmp_path):
+    """The server goes away for 10 s and comes back on the same port and store: training goes on,
+    and every metric logged meanwhile reaches it."""
+    folder = tmp_path / "server"
+    folder.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(folder, port)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.Popen(train_cmd(distilbert_dir, data_files, "outage", tmp_path / "ckpt", "--epochs", "6"),
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = mlflow.MlflowClient(uri)
+    try:
+        run = wait_for_metric(client, "outage", "val/accuracy")
+        stop_mlflow_server(server)
+        with pytest.raises(OSError):  # really gone
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+        time.sleep(10)
+        assert proc.poll() is None  # still training while the server is away
+        server = start_mlflow_server(folder, port)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        done = client.get_run(run.info.run_id)
+        assert done.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(1, 6 * 23 + 1))  # every step once: no gap, no duplicate
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [1, 2, 3, 4, 5, 6]
+    finally:
+        proc.kill()
+        stop_mlflow_server(server)
