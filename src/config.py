@@ -17,6 +17,7 @@ STRATEGIES = ("full", "lora")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomial")
 SELECTION_METRICS = ("accuracy", "f1", "loss")
+EMPTY_TEXTS = ("fail", "drop")
 
 # Learning rates per strategy when none is given. LoRA wants roughly 10x the full fine-tuning
 # rate: on real IMDB with a pretrained MiniLM, LoRA r8 q/k/v reached .914 test accuracy at 5e-4
@@ -45,6 +46,8 @@ class DataConfig:
     max_val_samples: int = _opt(0, "Cap on validation examples (0 = all).")
     max_test_samples: int = _opt(0, "Cap on test examples (0 = all).")
     max_length: int = _opt(512, "Longest tokenized input; longer texts are truncated.")
+    empty_texts: str = _opt("fail", "Rows whose text is empty or not a string: 'fail' with their count, or 'drop' "
+                            "them with a warning.", choices=EMPTY_TEXTS)
 
     def __post_init__(self) -> None:
         if self.test_data and not self.train_data:
@@ -58,6 +61,8 @@ class DataConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 = all), got {getattr(self, name)}")
         if self.max_length < 8:
             raise ConfigError(f"--max-length must be at least 8 tokens, got {self.max_length}")
+        if self.empty_texts not in EMPTY_TEXTS:
+            raise ConfigError(f"--empty-texts must be one of {', '.join(EMPTY_TEXTS)}, got {self.empty_texts!r}")
         if not self.text_column or not self.label_column:
             raise ConfigError("--text-column and --label-column must not be empty")
 

@@ -79,8 +79,14 @@ def _check_columns(df: pd.DataFrame, cfg: DataConfig, where: str) -> pd.DataFram
         raise ConfigError(f"{where} has {int(out['label'].isna().sum())} rows without a label")
     bad = out["text"].map(lambda t: not isinstance(t, str) or not t.strip())
     if bad.any():
-        raise ConfigError(f"{where} has {int(bad.sum())} empty or non-text value(s) in column "
-                          f"{cfg.text_column!r}; remove them or pick another --text-column")
+        if cfg.empty_texts == "fail":
+            raise ConfigError(f"{where} has {int(bad.sum())} empty or non-text value(s) in column "
+                              f"{cfg.text_column!r}; remove them, pass --empty-texts drop, or pick another "
+                              f"--text-column")
+        logging.getLogger(__name__).warning("%s: dropped %d empty or non-text row(s)", where, int(bad.sum()))
+        out = out[~bad]
+        if len(out) == 0:
+            raise ConfigError(f"{where} has no usable rows after dropping empty texts")
     return out
 
 

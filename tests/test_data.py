@@ -59,6 +59,14 @@ def test_bad_train_data_is_refused(tmp_path, mutate, message):
         load_splits(DataConfig(train_data=str(train), test_data=str(test)))
 
 
+def test_empty_texts_can_be_dropped(tmp_path):
+    train, test = write_data(tmp_path, n_train=60, n_test=20)
+    df = pd.read_parquet(train)
+    df.assign(text=[""] * 3 + [None] * 2 + df.text.tolist()[5:]).to_parquet(train)
+    s = load_splits(DataConfig(train_data=str(train), test_data=str(test), empty_texts="drop"))
+    assert len(s.train) + len(s.val) == 55
+
+
 def test_length_grouped_batches_cover_everything_once_with_little_padding():
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 512, size=3000)
