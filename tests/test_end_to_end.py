@@ -135,3 +135,23 @@ def test_train_module_runs_without_mlflow_projects(tracking, distilbert_dir, dat
     run = only_run(tracking, "direct")
     assert run.info.status == "FINISHED" and run.info.run_name == "direct-full"
     assert run.data.params["learning_rate"] == "5e-05" and run.data.params["train_size"] == "64"
+
+
+def test_notebook_reads_the_runs_back(lora_run, full_run, tmp_path, monkeypatch):
+    """The notebook's code cells, run top to bottom against the tracked runs, so it cannot rot."""
+    import json
+
+    nb = json.loads((ROOT / "notebooks" / "compare_runs.ipynb").read_text())
+    assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")  # stored clean
+    monkeypatch.setenv("EXPERIMENTS", "e2e-lora,e2e-full")
+    monkeypatch.setenv("OUTPUT", str(tmp_path / "scatter.png"))
+    scope: dict = {}
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), "compare_runs.ipynb", "exec"), scope)  # noqa: S102
+    table = scope["table"]
+    assert sorted(table["strategy"]) == ["full", "lora"]
+    by = table.set_index("strategy")
+    assert by.loc["lora", "test acc"] == pytest.approx(lora_run.data.metrics["test/accuracy"])
+    assert by.loc["full", "trainable params"] == int(full_run.data.params["trainable_params"])
+    assert (tmp_path / "scatter.png").stat().st_size > 0
