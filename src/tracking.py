@@ -111,7 +111,10 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
         if not inside_project and not nested:
             mlflow.set_experiment(cfg.tracking.experiment_name)
         name = name or cfg.tracking.run_name or cfg.default_run_name()
-        active = mlflow.start_run(run_name=None if inside_project else name, nested=nested)
+        # Tags go in with the creation itself: a process killed a moment later leaves a run that
+        # still says which study and trial it belongs to, so a restarted worker can close it.
+        active = mlflow.start_run(run_name=None if inside_project else name, nested=nested,
+                                  tags=None if inside_project else tags)
     try:
         if not resume_run_id:
             mlflow.set_tags({"mlflow.runName": name, **(tags or {})})

@@ -102,11 +102,13 @@ def close_orphans(client, experiment_id: str, study, study_name: str) -> int:
     closed = 0
     runs = client.search_runs([experiment_id],
                               f"tags.`optuna.study` = '{study_name}' and attributes.status = 'RUNNING'")
+    parents = {r.info.run_id for r in runs if "optuna.trial" not in r.data.tags}
     for r in runs:
         tags = r.data.tags
         orphan = False
         if "optuna.trial" in tags:
-            orphan = int(tags["optuna.trial"]) not in running
+            orphan = int(tags["optuna.trial"]) not in running or (
+                tags.get("mlflow.parentRunId") not in parents)  # its worker's parent run is over
         elif tags.get("tune.host") == socket.gethostname() and "tune.pid" in tags:
             orphan = not _alive(int(tags["tune.pid"]))
         if orphan:
