@@ -120,14 +120,12 @@ def test_killed_worker_resumes_without_orphan_runs(tracking, distilbert_dir, dat
     cmd = tune_cmd(distilbert_dir, data_files, storage, "resume", "tune-resume", 3)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline:  # kill while the second trial runs
-        try:
-            trials = optuna.load_study(study_name="resume", storage=storage).trials
-        except KeyError:
-            trials = []
-        if len(trials) >= 2 and trials[-1].state == optuna.trial.TrialState.RUNNING:
+    while time.time() < deadline:  # kill while the second trial trains: its MLflow run exists
+        exp = tracking.get_experiment_by_name("tune-resume")
+        runs = tracking.search_runs([exp.experiment_id], "tags.`optuna.trial` = '1'") if exp else []
+        if runs:
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(3)  # past the heartbeat grace period
