@@ -34,7 +34,7 @@ class Splits:
         return {name: i for i, name in enumerate(self.labels)}
 
 
-def _read_local(path: str) -> pd.DataFrame:
+def read_file(path: str) -> pd.DataFrame:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"data file not found: {path}")
@@ -115,7 +115,7 @@ def _cap(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 def load_splits(cfg: DataConfig) -> Splits:
     """Everything here is cheap and runs before any model is loaded or MLflow run is created."""
     if cfg.train_data:
-        train_raw, test_raw = _read_local(cfg.train_data), _read_local(cfg.test_data)
+        train_raw, test_raw = read_file(cfg.train_data), read_file(cfg.test_data)
         sources = os.path.abspath(cfg.train_data), os.path.abspath(cfg.test_data)
     else:
         train_raw, test_raw = _read_hub(cfg.dataset)

@@ -32,7 +32,7 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         self.max_length = max_length
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
-    def classify(self, texts: list[str], batch_size: int = 64):
+    def classify(self, texts: list[str], batch_size: int = 64, progress: str | None = None):
         import numpy as np
         import pandas as pd
         import torch
@@ -42,7 +42,8 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
 
         frame = pd.DataFrame({"text": [str(t) for t in texts], "label": 0})
         enc: Encoded = tokenize(frame, self.tokenizer, self.max_length)
-        ev = predict(self.model, enc, batch_size, self.tokenizer.pad_token_id or 0, self.device, torch.float32)
+        ev = predict(self.model, enc, batch_size, self.tokenizer.pad_token_id or 0, self.device, torch.float32,
+                     progress=progress)
         out = pd.DataFrame({"label": [self.labels[i] for i in ev.probs.argmax(axis=1)]})
         for k, name in enumerate(self.labels):
             out[f"prob_{name}"] = ev.probs[:, k].astype(np.float64)

@@ -155,3 +155,71 @@ def test_notebook_reads_the_runs_back(lora_run, full_run, tmp_path, monkeypatch)
     assert by.loc["lora", "test acc"] == pytest.approx(lora_run.data.metrics["test/accuracy"])
     assert by.loc["full", "trainable params"] == int(full_run.data.params["trainable_params"])
     assert (tmp_path / "scatter.png").stat().st_size > 0
+
+
+def test_predict_command_matches_the_registered_model(lora_run, data_files, tmp_path):
+    import mlflow
+
+    texts = ["great superb film loved it", "awful boring plot hated it"]
+    shown = subprocess.run([sys.executable, "-m", "src.predict", "--model", "models:/tiny-sentiment/1", *texts],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.splitlines()[0].split() == ["text", "label", "prob_0", "prob_1"]
+    expected = mlflow.pyfunc.load_model("models:/tiny-sentiment/1").predict(pd.DataFrame({"text": texts}))
+    assert [line.split()[-3] for line in shown.stdout.splitlines()[1:]] == list(expected["label"])
+
+    test = pd.read_parquet(data_files[1])
+    test.to_csv(tmp_path / "in.csv", index=False)
+    written = subprocess.run([sys.executable, "-m", "src.predict", "--model", "models:/tiny-sentiment/1",
+                              "--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "out.csv")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert written.returncode == 0, written.stderr[-2000:]
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert len(out) == len(test) and list(out["text"]) == list(test["text"])
+    accuracy = (out["predicted_label"] == test["label"]).mean()
+    assert accuracy == pytest.approx(lora_run.data.metrics["test/accuracy"])
+
+    bad = subprocess.run([sys.executable, "-m", "src.predict", "--model", "models:/no-such-model/1", "x"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: cannot load model")
+
+
+def test_mlflow_models_serve_answers_http(lora_run, tmp_path):
+    """`mlflow models serve` on the registered model answers a real POST /invocations."""
+    import json
+    import time
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/tiny-sentiment/1",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+                time.sleep(0.5)
+        body = json.dumps({"dataframe_records": [{"text": "great superb film loved it"},
+                                                 {"text": "awful boring plot hated it"}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    finally:
+        import os
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+    rows = answer["predictions"]
+    assert [sorted(r) for r in rows] == [["label", "prob_0", "prob_1"]] * 2
+    assert all(abs(r["prob_0"] + r["prob_1"] - 1) < 1e-5 for r in rows)
+    assert [r["label"] for r in rows] == ["1", "0"]

@@ -1,0 +1,79 @@
+"""Classify texts with a logged or registered model.
+
+    python -m src.predict --model models:/imdb-sentiment@champion "A wonderful film." "Dull and too long."
+    python -m src.predict --model models:/imdb-sentiment@champion --input reviews.csv --output predictions.csv
+
+Prints or writes one row per text: the label and one probability per class. Texts are scored in
+length-sorted batches; a progress bar follows files.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .cli import fail, main
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("texts", nargs=-1)
+@click.option("--model", "model_uri", required=True,
+              help="MLflow model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model.")
+@click.option("--input", "input_path", type=click.Path(path_type=Path),
+              help="CSV, JSON lines or Parquet file of texts.")
+@click.option("--text-column", default="text", show_default=True, help="Column of --input holding the texts.")
+@click.option("--output", "output_path", type=click.Path(path_type=Path),
+              help="Write the input rows plus predictions here (.csv, .jsonl or .parquet); default: print.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, text_column: str,
+            output_path: Path | None, batch_size: int) -> None:
+    """Label texts with a trained classifier (no network needed for a registered model)."""
+    from .config import ConfigError
+
+    if bool(texts) == bool(input_path):
+        fail(ConfigError("give texts as arguments or --input FILE (one of the two)"))
+    if output_path is not None and output_path.suffix.lower() not in (".csv", ".jsonl", ".parquet"):
+        fail(ConfigError(f"--output must end in .csv, .jsonl or .parquet, got {output_path.name!r}"))
+    frame = None
+    if input_path is not None:
+        from .data import read_file
+
+        try:
+            frame = read_file(str(input_path))
+        except ConfigError as exc:
+            fail(exc)
+        if text_column not in frame.columns:
+            columns = ", ".join(map(str, frame.columns))
+            fail(ConfigError(f"{input_path} has no column {text_column!r} (columns: {columns}); set --text-column"))
+        texts = tuple(frame[text_column].astype(str))
+
+    import mlflow
+
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as exc:  # noqa: BLE001 - any lookup failure becomes one line
+        fail(ConfigError(f"cannot load model {model_uri!r}: {str(exc).splitlines()[0]}"))
+        return
+    classifier = model.unwrap_python_model()
+    out = classifier.classify(list(texts), batch_size=batch_size,
+                              progress="predict" if input_path is not None else None)
+    if output_path is None:
+        shown = out.copy()
+        shown.insert(0, "text", [t if len(t) <= 60 else t[:57] + "..." for t in texts])
+        click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        return
+    result = out if frame is None else frame.reset_index(drop=True).join(out.add_prefix("predicted_"))
+    suffix = output_path.suffix.lower()
+    if suffix == ".csv":
+        result.to_csv(output_path, index=False)
+    elif suffix == ".jsonl":
+        result.to_json(output_path, orient="records", lines=True)
+    else:
+        result.to_parquet(output_path)
+    click.echo(f"wrote {len(result)} predictions to {output_path}", err=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(predict, "python -m src.predict"))
