@@ -76,6 +76,9 @@ def train(**values: Any) -> None:
     except ConfigError as exc:
         fail(exc)
         return
+    from .loop import close_distributed
+
+    close_distributed()
     if not out.run_id:
         return  # a non-zero rank of a data-parallel job: rank 0 reports
     click.echo(

@@ -81,6 +81,17 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
+def close_distributed() -> None:
+    """Wait for every process (rank 0 may still be logging), then leave the group. Exiting with
+    the group alive lets gloo's threads abort the process ("terminate called without an active
+    exception") and the launcher then kills the whole job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def pick_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
