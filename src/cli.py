@@ -21,16 +21,18 @@ def option_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def config_options(fn: Callable | None = None, *, exclude: tuple[str, ...] = (),
+def config_options(fn: Callable | None = None, *, fields=None, exclude: tuple[str, ...] = (),
                    defaults: dict[str, Any] | None = None) -> Callable:
-    """Add one click option per config field; a command may drop fields or change their defaults."""
+    """Add one click option per config field (all run settings unless `fields` is given); a command
+    may drop fields or change their defaults."""
     defaults = defaults or {}
 
     def decorate(fn: Callable) -> Callable:
-        for f in reversed(all_fields()):
+        for f in reversed(list(fields if fields is not None else all_fields())):
             if f.name in exclude:
                 continue
             kind = f.metadata.get("type") or TYPES[f.type]
+            kind = click.BOOL if kind is bool else kind  # `--flag true|false`: what MLproject passes
             choices = f.metadata.get("choices")
             default = defaults.get(f.name, f.default)
             fn = click.option(option_name(f.name), f.name, type=click.Choice(choices) if choices else kind,
@@ -70,7 +72,7 @@ def train(**values: Any) -> None:
     cfg = build_config(values)
     from .experiment import run_experiment
 
-    _quiet_libraries()
+    quiet_libraries()
     try:
         out = run_experiment(cfg)
     except ConfigError as exc:
@@ -88,7 +90,7 @@ def train(**values: Any) -> None:
     )
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """The expected 'newly initialized classifier' notice and similar chatter hide real output."""
     import transformers
 
