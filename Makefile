@@ -1,4 +1,5 @@
 # make lora | full  : a fresh .venv, the pinned install, then `mlflow run` (ARGS="-P epochs=1 ...")
+# make compare      : results table and charts of tracked runs (ARGS="--experiment-name ...")
 # make test         : the whole offline test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +8,7 @@ ARGS   ?=
 # `mlflow run --env-manager local` starts `python -m src.train` from PATH: make it the venv's.
 RUN    := PATH="$(BIN):$$PATH" MLFLOW_DISABLE_TELEMETRY=true
 
-.PHONY: install lora full test lint clean
+.PHONY: install lora full compare test lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ lora: install
 
 full: install
 	$(RUN) $(BIN)/mlflow run . -e full --env-manager local $(ARGS)
+
+compare: install
+	$(RUN) $(BIN)/python -m src.compare $(ARGS)
 
 test: install
 	$(RUN) $(BIN)/python -m pytest -q tests

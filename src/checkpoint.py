@@ -18,7 +18,8 @@ from .config import ConfigError
 
 FILE = "last.pt"
 # Settings that may differ between the interrupted run and its resumption.
-MAY_CHANGE = {"resume_run_id", "checkpoint_steps", "eval_batch_size", "logging_steps"}
+MAY_CHANGE = {"resume_run_id", "checkpoint_steps", "eval_batch_size", "logging_steps", "temperature_scaling",
+              "registered_model_name", "promotion_alpha"}
 
 
 class Checkpointer:
@@ -45,6 +46,31 @@ class Checkpointer:
             self.folder.parent.rmdir()  # only if no other run keeps a checkpoint there
         except OSError:
             pass
+
+
+# Bytes per trainable parameter in a checkpoint: fp32 weights, the best epoch's copy, and AdamW's two moments.
+BYTES_PER_TRAINABLE = 16
+MARGIN = 64 * 2**20
+
+
+def check_space(folder: str | Path, trainable: int) -> int:
+    """Fail now, not at the end of the first epoch, when the disk cannot take a checkpoint; room
+    for two because the new file is written beside the old one before it replaces it."""
+    need = 2 * BYTES_PER_TRAINABLE * trainable + MARGIN
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--checkpoint-dir {folder!r} is not a folder ({existing} is a file); pick a folder "
+                          f"or pass --checkpoint-dir '' to run without checkpoints")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--checkpoint-dir {folder!r} is not writable (at {existing}); pick another folder "
+                          f"or pass --checkpoint-dir '' to run without checkpoints")
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise ConfigError(f"--checkpoint-dir {folder!r} has {free / 2**30:.2f} GiB free, checkpoints of this model "
+                          f"need {need / 2**30:.2f} GiB; free space, pick another folder or pass --checkpoint-dir ''")
+    return need
 
 
 def load(folder: str | Path, run_id: str, config: dict[str, Any]) -> dict[str, Any]:

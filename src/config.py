@@ -132,6 +132,22 @@ class TrainConfig:
     checkpoint_dir: str = _opt("checkpoints", "Checkpoints go to <dir>/<run id>/last.pt after every epoch and on "
                                "Ctrl-C/SIGTERM; removed when the run finishes. Empty = none.")
     checkpoint_steps: int = _opt(0, "Also checkpoint every this many optimizer steps (0 = per epoch only).")
+    class_weights: str = _opt("", "Weights of the classes in the training loss: empty = equal, 'balanced' = "
+                              "inverse to their train frequency, or one number per label in label order (e.g. 1,4).")
+    temperature_scaling: bool = _opt(False, "Fit a softmax temperature on validation after training; test "
+                                     "metrics, predict and serve then use the calibrated probabilities.", type=bool)
+
+    def loss_weights(self, counts: list[int]) -> list[float] | None:
+        """Per-class loss weights from the train count of each label 0..K-1 (None = unweighted)."""
+        if not self.class_weights:
+            return None
+        if self.class_weights == "balanced":
+            return [sum(counts) / (len(counts) * max(1, n)) for n in counts]
+        weights = _floats(self.class_weights, "class_weights")
+        if len(weights) != len(counts):
+            raise ConfigError(f"--class-weights gives {len(weights)} weight(s) for {len(counts)} labels; give one "
+                              f"per label, in label order")
+        return weights
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -149,6 +165,11 @@ class TrainConfig:
             raise ConfigError(f"--checkpoint-steps must be >= 0, got {self.checkpoint_steps}")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"--early-stopping-patience must be >= 0, got {self.early_stopping_patience}")
+        if self.class_weights not in ("", "balanced"):
+            weights = _floats(self.class_weights, "class_weights")
+            if len(weights) < 2 or not all(w > 0 and math.isfinite(w) for w in weights):
+                raise ConfigError(f"--class-weights must be empty, 'balanced' or positive numbers separated by "
+                                  f"commas (one per label), got {self.class_weights!r}")
         for name, allowed in (("precision", PRECISIONS), ("lr_scheduler", SCHEDULERS),
                               ("selection_metric", SELECTION_METRICS)):
             if getattr(self, name) not in allowed:
@@ -164,11 +185,16 @@ class TrackingConfig:
     registered_model_name: str = _opt("", "If set, log a servable model and register it under this name.")
     resume_run_id: str = _opt("", "Continue this interrupted run (same MLflow run) from its checkpoint in "
                               "--checkpoint-dir, with the same settings.")
+    promotion_alpha: float = _opt(0.05, "Significance level of the promotion gate: a registered model becomes "
+                                  "champion only if it beats the current one on the same held-out examples "
+                                  "(McNemar p < alpha and a bootstrap interval of the gain above 0).")
 
     def __post_init__(self) -> None:
         name = self.registered_model_name
         if name and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", name):
             raise ConfigError(f"--registered-model-name may hold letters, digits, '_', '-', '.', got {name!r}")
+        if not 0.0 < self.promotion_alpha < 1.0:
+            raise ConfigError(f"--promotion-alpha must be between 0 and 1 exclusive, got {self.promotion_alpha}")
         if self.resume_run_id and not re.fullmatch(r"[0-9a-f]{32}", self.resume_run_id):
             raise ConfigError(f"--resume-run-id must be an MLflow run id (32 hex digits), got {self.resume_run_id!r}")
 
@@ -177,6 +203,7 @@ GROUPS = (DataConfig, ModelConfig, LoraConfig, TrainConfig, TrackingConfig)
 
 PRUNERS = ("median", "hyperband", "none")
 TARGET_SETS = ("auto", "attention-output", "all-linear")
+OBJECTIVES = ("metric", "metric,trainable_params", "metric,train_seconds")
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -203,6 +230,13 @@ class TuneConfig:
     learning_rate_range: str = _opt("1e-4,2e-3", "Learning-rate range low,high (sampled log-uniformly).")
     lora_dropout_range: str = _opt("0.0,0.2", "Dropout range low,high.")
     target_module_choices: str = _opt("auto,all-linear", f"Target sets to try, from {', '.join(TARGET_SETS)}.")
+    strategy_choices: str = _opt("lora", "Strategies the search may pick: 'lora', or 'full,lora' to weigh full "
+                                 "fine-tuning against LoRA (full trials save their weights so a full winner can "
+                                 "be registered).")
+    full_learning_rate_range: str = _opt("1e-5,1e-4", "Learning-rate range of full fine-tuning trials.")
+    objectives: str = _opt("metric", "'metric' = the validation selection metric alone; 'metric,trainable_params' "
+                           "or 'metric,train_seconds' = a Pareto front of quality against cost (no pruning).",
+                           choices=OBJECTIVES)
     evaluate_test: bool = _opt(True, "Evaluate the winner on the test split once, after selection.", type=bool)
     heartbeat_interval: int = _opt(60, "Seconds between trial heartbeats (RDB storages); a trial silent for "
                                    "twice as long is marked FAIL when a worker starts.")
@@ -212,6 +246,8 @@ class TuneConfig:
             raise ConfigError(f"--n-trials must be at least 1, got {self.n_trials}")
         if not self.study_name:
             raise ConfigError("--study-name must not be empty")
+        if self.objectives not in OBJECTIVES:
+            raise ConfigError(f"--objectives must be one of {', '.join(OBJECTIVES)}, got {self.objectives!r}")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
         if self.heartbeat_interval < 1:
@@ -232,7 +268,7 @@ class TuneConfig:
         except OSError as exc:
             raise ConfigError(f"search space file {path!r} cannot be read ({exc.strerror})") from None
         keys = {"lora_r_choices", "lora_alpha_choices", "learning_rate_range", "lora_dropout_range",
-                "target_module_choices"}
+                "target_module_choices", "strategy_choices", "full_learning_rate_range"}
         if not isinstance(values, dict) or set(values) - keys:
             raise ConfigError(f"search space file {path!r} may only hold the keys {', '.join(sorted(keys))}")
         for key, value in values.items():
@@ -243,12 +279,17 @@ class TuneConfig:
         alphas = _floats(self.lora_alpha_choices, "lora_alpha_choices")
         lr = _floats(self.learning_rate_range, "learning_rate_range")
         dropout = _floats(self.lora_dropout_range, "lora_dropout_range")
+        full_lr = _floats(self.full_learning_rate_range, "full_learning_rate_range")
+        strategies = [t for t in self.strategy_choices.replace(" ", "").split(",") if t]
+        if not strategies or set(strategies) - set(STRATEGIES) or len(set(strategies)) != len(strategies):
+            raise ConfigError(f"--strategy-choices must be lora, full or full,lora, got {self.strategy_choices!r}")
         targets = [t for t in self.target_module_choices.replace(" ", "").split(",") if t]
         if not ranks or any(r < 1 or r != int(r) for r in ranks):
             raise ConfigError(f"--lora-r-choices must be positive integers, got {self.lora_r_choices!r}")
         if not alphas or any(a <= 0 for a in alphas):
             raise ConfigError(f"--lora-alpha-choices must be positive numbers, got {self.lora_alpha_choices!r}")
         for name, pair, low_ok in (("learning_rate_range", lr, lambda v: v > 0),
+                                   ("full_learning_rate_range", full_lr, lambda v: v > 0),
                                    ("lora_dropout_range", dropout, lambda v: 0 <= v < 1)):
             if len(pair) != 2 or not low_ok(pair[0]) or not low_ok(pair[1]) or pair[0] > pair[1]:
                 raise ConfigError(f"--{name.replace('_', '-')} must be low,high with low <= high in the valid "
@@ -257,7 +298,41 @@ class TuneConfig:
             raise ConfigError(f"--target-module-choices must be from {', '.join(TARGET_SETS)}, "
                               f"got {self.target_module_choices!r}")
         return {"lora_r": [int(r) for r in ranks], "lora_alpha": alphas, "learning_rate": lr,
-                "lora_dropout": dropout, "lora_target_modules": targets}
+                "lora_dropout": dropout, "lora_target_modules": targets, "strategy": sorted(strategies),
+                "full_learning_rate": full_lr}
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.objectives != "metric"
+
+
+@dataclass
+class CompareConfig:
+    """Which tracked runs the results table and charts cover, and where they go."""
+
+    experiment_name: str = _opt("imdb-sentiment", "Experiment(s) to read, comma-separated (e.g. "
+                                "imdb-sentiment,imdb-sentiment-tuning); ignored with --run-ids.")
+    run_ids: str = _opt("", "Compare exactly these runs (comma-separated ids), from any experiment.")
+    filter_string: str = _opt("", "MLflow search filter the runs must also match, e.g. \"params.lora_r = '8'\".")
+    output_dir: str = _opt("compare", "Folder for results.md, results.csv and the charts (also logged to MLflow).")
+    registered_model_name: str = _opt("imdb-sentiment", "Registered model whose champion is marked in the table "
+                                      "and charts, if it exists.")
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("--output-dir must name a folder")
+        ids = self.ids()
+        bad = [i for i in ids if not re.fullmatch(r"[0-9a-f]{32}", i)]
+        if bad:
+            raise ConfigError(f"--run-ids must be MLflow run ids (32 hex digits), got {bad[0]!r}")
+        if not ids and not self.experiments():
+            raise ConfigError("give --experiment-name or --run-ids")
+
+    def ids(self) -> list[str]:
+        return [i for i in self.run_ids.replace(" ", "").split(",") if i]
+
+    def experiments(self) -> list[str]:
+        return [e.strip() for e in self.experiment_name.split(",") if e.strip()]
 
 
 @dataclass

@@ -28,6 +28,8 @@ class Splits:
     train_source: str  # where train (and so validation) came from: a file path or "<hub name>:<split>"
     test_source: str
     test_in_train: int = 0  # test texts that also occur in train or validation (a leak to know about)
+    duplicate_train_texts: int = 0  # train rows repeating an earlier train text (they weigh double)
+    conflicting_train_texts: int = 0  # distinct train texts that carry more than one label
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -143,10 +145,36 @@ def load_splits(cfg: DataConfig) -> Splits:
     if overlap:
         logging.getLogger(__name__).warning(
             "%d test text(s) also occur in train/validation; test metrics include them", overlap)
+    duplicates = int(fit["text"].duplicated().sum())
+    conflicting = int((fit.groupby("text")["label"].nunique() > 1).sum()) if duplicates else 0
+    if duplicates:
+        logging.getLogger(__name__).warning(
+            "%d train row(s) repeat an earlier train text (%d text(s) with conflicting labels); they are kept",
+            duplicates, conflicting)
     return Splits(
         train=fit.reset_index(drop=True), val=val.reset_index(drop=True), test=test.reset_index(drop=True),
         labels=[str(v) for v in names], train_source=sources[0], test_source=sources[1], test_in_train=overlap,
+        duplicate_train_texts=duplicates, conflicting_train_texts=conflicting,
     )
+
+
+def fingerprint(df: pd.DataFrame) -> str:
+    """sha256 over the texts and labels in order: two runs with equal fingerprints saw equal data."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for text, label in zip(df["text"], df["label"], strict=True):
+        digest.update(f"{label}\x1f{text}\x1e".encode())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's full definition (vocabulary, normalizer, special tokens)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass

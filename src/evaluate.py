@@ -33,6 +33,8 @@ def metrics(ev: Evaluation, n_classes: int) -> dict[str, float]:
         "precision": float(precision),
         "recall": float(recall),
         "loss": float(ev.loss),
+        "ece": expected_calibration_error(ev.probs, ev.labels),
+        "brier": brier_score(ev.probs, ev.labels),
     }
     present = np.unique(ev.labels)
     if len(present) == n_classes:
@@ -89,7 +91,8 @@ def roc_figure(ev: Evaluation, names: list[str], title: str):
     return fig
 
 
-def worst_errors(ev: Evaluation, texts: list[str], names: list[str], k: int = 50) -> dict[str, list]:
+def worst_errors(ev: Evaluation, texts: list[str], names: list[str], k: int = 50,
+                 slices: list[str] | None = None) -> dict[str, list]:
     """The k misclassified examples the model was most sure about, as columns for `log_table`."""
     wrong = np.flatnonzero(ev.preds != ev.labels)
     confidence = ev.probs[wrong, ev.preds[wrong]]
@@ -99,4 +102,163 @@ def worst_errors(ev: Evaluation, texts: list[str], names: list[str], k: int = 50
         "true_label": [names[ev.labels[i]] for i in top],
         "predicted_label": [names[ev.preds[i]] for i in top],
         "confidence": [round(float(ev.probs[i, ev.preds[i]]), 4) for i in top],
+        **({"length_slice": [slices[i] for i in top]} if slices is not None else {}),
     }
+
+
+# --- calibration -----------------------------------------------------------------------------------
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE with equal-width confidence bins: the gap between how sure the model is and
+    how often it is right, weighted by how many predictions fall in each bin."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    total = 0.0
+    for b in np.unique(bins):
+        members = bins == b
+        total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(total)
+
+
+def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean squared distance between the probability vector and the one-hot truth (0 = perfect)."""
+    onehot = np.eye(probs.shape[1])[labels]
+    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) from the probabilities themselves: log p differs from the logits by a
+    per-row constant, which the softmax cancels."""
+    z = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def calibrated(ev: Evaluation, temperature: float) -> Evaluation:
+    probs = apply_temperature(ev.probs, temperature)
+    loss = float(-np.log(np.clip(probs[np.arange(len(ev.labels)), ev.labels], 1e-12, 1.0)).mean())
+    return Evaluation(labels=ev.labels, probs=probs, loss=loss)
+
+
+def fit_temperature(ev: Evaluation) -> float:
+    """The T minimising validation NLL (Guo et al., 2017): one scalar, so accuracy never changes."""
+    from scipy.optimize import minimize_scalar
+
+    def nll(log_t: float) -> float:
+        return calibrated(ev, float(np.exp(log_t))).loss
+
+    best = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(best.x))
+
+
+def reliability_figure(ev: Evaluation, title: str, n_bins: int = 15):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confidence = ev.probs.max(axis=1)
+    correct = ev.preds == ev.labels
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    centers, accuracy, counts = [], [], []
+    for b in range(n_bins):
+        members = bins == b
+        if members.any():
+            centers.append(confidence[members].mean())
+            accuracy.append(correct[members].mean())
+            counts.append(int(members.sum()))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+    ax.plot(centers, accuracy, "o-", label="model")
+    for x, y, n in zip(centers, accuracy, counts, strict=True):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    ax.set_xlabel("confidence (top class)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ece = expected_calibration_error(ev.probs, ev.labels, n_bins)
+    ax.set_title(f"{title} (ECE {ece:.3f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+# --- per class and per slice -----------------------------------------------------------------------
+
+def per_class(ev: Evaluation, names: list[str]) -> dict[str, float]:
+    """precision/recall/F1 of every class, as flat metric names (`recall_<label>`)."""
+    import re
+
+    from sklearn.metrics import precision_recall_fscore_support
+
+    p, r, f, _ = precision_recall_fscore_support(ev.labels, ev.preds, labels=list(range(len(names))),
+                                                 zero_division=0)
+    out = {}
+    for k, name in enumerate(names):
+        key = re.sub(r"[^\w\-. /]", "_", str(name))
+        out.update({f"precision_{key}": float(p[k]), f"recall_{key}": float(r[k]), f"f1_{key}": float(f[k])})
+    return out
+
+
+def length_slices(lengths: np.ndarray, max_length: int) -> list[str]:
+    """Token-length buckets at quarters of `max_length`; inputs cut at `max_length` form their own."""
+    edges = [max_length // 4, max_length // 2, 3 * max_length // 4, max_length - 1]
+    names, lo = [], 1
+    for hi in edges:
+        names.append((lo, hi))
+        lo = hi + 1
+    out = []
+    for n in lengths:
+        if n >= max_length:
+            out.append(f"{max_length} (truncated)")
+            continue
+        lo, hi = next((lo, hi) for lo, hi in names if n <= hi)
+        out.append(f"{lo}-{hi}")
+    return out
+
+
+def slice_table(ev: Evaluation, slices: list[str], names: list[str]) -> dict[str, list]:
+    """Rows per length slice, then per true class: examples, accuracy, macro F1, error count."""
+    from sklearn.metrics import f1_score
+
+    slices_arr = np.asarray(slices)
+    groups = [("length", s, slices_arr == s) for s in sorted(set(slices), key=_slice_order)]
+    groups += [("class", names[k], ev.labels == k) for k in range(len(names))]
+    rows: dict[str, list] = {"kind": [], "slice": [], "n": [], "accuracy": [], "macro_f1": [], "errors": []}
+    for kind, name, members in groups:
+        if not members.any():
+            continue
+        y, p = ev.labels[members], ev.preds[members]
+        rows["kind"].append(kind)
+        rows["slice"].append(name)
+        rows["n"].append(int(members.sum()))
+        rows["accuracy"].append(round(float((y == p).mean()), 4))
+        rows["macro_f1"].append(round(float(f1_score(y, p, average="macro", zero_division=0)), 4))
+        rows["errors"].append(int((y != p).sum()))
+    return rows
+
+
+def _slice_order(name: str) -> int:
+    return int(name.split("-")[0].split(" ")[0])
+
+
+def slice_figure(table: dict[str, list], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"{k}: {s}" for k, s in zip(table["kind"], table["slice"], strict=True)]
+    colors = ["#4c72b0" if k == "length" else "#dd8452" for k in table["kind"]]
+    bars = ax.bar(range(len(labels)), table["accuracy"], color=colors, edgecolor="black")
+    ax.bar_label(bars, labels=[f"{a:.3f}\nn={n}" for a, n in zip(table["accuracy"], table["n"], strict=True)],
+                 fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title + " (blue: token length, orange: true class)")
+    fig.tight_layout()
+    return fig

@@ -21,6 +21,7 @@ class Outcome:
     trainable_params: int
     total_params: int
     best_epoch: int
+    train_seconds: float = 0.0
 
 
 @dataclass
@@ -36,11 +37,14 @@ _PREPARED: dict[tuple, Prepared] = {}
 def preflight(cfg: RunConfig):
     """Cheap checks and loads, in order of cost; returns (splits, tokenizer)."""
     from .data import load_splits
-    from .modeling import check_targets, length_limit, load_config, load_tokenizer
-    from .tracking import check_reachable
+    from .modeling import check_targets, length_limit, load_config, load_tokenizer, planned_params
+    from .tracking import check_experiment, check_reachable
 
     splits = load_splits(cfg.data)
+    cfg.train.loss_weights(splits.train["label"].value_counts().reindex(range(len(splits.labels)), fill_value=0)
+                           .tolist())  # one weight per label, checked now
     check_reachable()
+    check_experiment(cfg.tracking.experiment_name)
     tokenizer = load_tokenizer(cfg.model.model)
     config = load_config(cfg.model.model)
     limit = length_limit(config, tokenizer)
@@ -51,6 +55,11 @@ def preflight(cfg: RunConfig):
         check_targets(config, cfg.lora)
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"the tokenizer of {cfg.model.model!r} has no padding token; pick an encoder model")
+    if cfg.train.checkpoint_dir:
+        from .checkpoint import check_space
+
+        check_space(cfg.train.checkpoint_dir,
+                    planned_params(config, cfg.model.strategy, cfg.lora, len(splits.labels)).trainable)
     return splits, tokenizer
 
 
@@ -78,7 +87,7 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
                    on_start: Callable[[str], None] | None = None,
                    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
                    killed_on: tuple[type[BaseException], ...] = (),
-                   evaluate_test: bool = True) -> Outcome:
+                   evaluate_test: bool = True, keep_weights: bool = False) -> Outcome:
     prepared = prepare(cfg)
     splits, tokenizer, encoded = prepared.splits, prepared.tokenizer, prepared.encoded
 
@@ -117,28 +126,46 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
             "trainable_params": counts.trainable, "total_params": counts.total,
             "trainable_pct": round(counts.pct, 4), "device": device.type, "compute_dtype": str(dtype).split(".")[-1],
             "world_size": dist.world, "global_batch_size": cfg.train.batch_size * dist.world,
-        }, resumed=bool(resume_id))
+        }, resumed=bool(resume_id), tokenizer=tokenizer)
         pad_id = tokenizer.pad_token_id
         logger = tracking.MlflowLogger(tracking.last_steps(run_id) if resume_id else None)
         result = fit(model, encoded["train"], encoded["val"], cfg.train, cfg.learning_rate, len(splits.labels),
                      pad_id, logger=logger, on_epoch=on_epoch, dist=dist, checkpointer=saver, resume=state)
         mlflow.log_metrics({**throughput(result), "best_epoch": result.best_epoch})
+        temperature = 1.0
+        if cfg.train.temperature_scaling:
+            from .evaluate import fit_temperature
+
+            temperature = fit_temperature(result.best_val)  # validation only; test stays unseen
+            mlflow.log_metric("calibration/temperature", temperature)
         # val/accuracy etc. are per-epoch histories; val/best_* hold the selected epoch for comparisons.
-        val = tracking.log_evaluation("val", result.best_val, splits.labels, prefix="best_")
+        val = tracking.log_evaluation("val", result.best_val, splits.labels, prefix="best_",
+                                      lengths=encoded["val"].lengths, max_length=cfg.data.max_length,
+                                      temperature=temperature)
         test: dict[str, float] = {}
         if evaluate_test:
             # The test split is touched once, after model selection on validation.
             test_ev = predict(model, encoded["test"], cfg.train.eval_batch_size, pad_id, device, dtype,
                               progress="test", dist=dist)
-            test = tracking.log_evaluation("test", test_ev, splits.labels, splits.test["text"].tolist())
+            test = tracking.log_evaluation("test", test_ev, splits.labels, splits.test["text"].tolist(),
+                                           lengths=encoded["test"].lengths, max_length=cfg.data.max_length,
+                                           temperature=temperature)
         if cfg.model.strategy == "lora":
             tracking.log_adapter(model, tokenizer)
+        elif keep_weights:
+            tracking.log_weights(model, tokenizer)
         if cfg.tracking.registered_model_name:
-            tracking.log_servable(servable(model).cpu(), tokenizer, cfg.data.max_length,
-                                  cfg.tracking.registered_model_name)
+            from .registry import register_gated
+
+            # The promotion gate compares with the champion on held-out examples: test when scored.
+            gate_split, gate_ev = ("test", test_ev) if evaluate_test else ("val", result.best_val)
+            frame = splits.test if evaluate_test else splits.val
+            register_gated(servable(model).cpu(), tokenizer, cfg.data.max_length, temperature,
+                           cfg.tracking.registered_model_name, splits.labels, gate_ev.preds, gate_ev.labels,
+                           frame["text"].tolist(), cfg.tracking.promotion_alpha, gate_split)
         if saver is not None:
             saver.remove()  # finished: the model and its metrics are in MLflow now
-        return Outcome(run_id, val, test, counts.trainable, counts.total, result.best_epoch)
+        return Outcome(run_id, val, test, counts.trainable, counts.total, result.best_epoch, result.train_seconds)
 
 
 def _train_quietly(cfg: RunConfig, prepared: Prepared, dist, evaluate_test: bool) -> Outcome:

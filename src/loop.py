@@ -236,6 +236,8 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     rng = np.random.default_rng(cfg.seed)
     lengths = train.lengths
+    weights = cfg.loss_weights(np.bincount(train.labels, minlength=n_classes).tolist())
+    class_weight = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
     global_batch = cfg.batch_size * dist.world
     n_batches = len(_shard(length_grouped_batches(lengths, global_batch, np.random.default_rng(0)), dist))
     steps_per_epoch = math.ceil(n_batches / cfg.gradient_accumulation_steps)
@@ -309,7 +311,7 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                         logits = trained(input_ids=to_device(ids, device),
                                          attention_mask=to_device(mask, device)).logits
-                    loss = F.cross_entropy(logits.float(), to_device(y, device))
+                    loss = F.cross_entropy(logits.float(), to_device(y, device), weight=class_weight)
                     scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
                 running += loss.detach()  # stays on the device: no host sync per step
                 running_n += 1

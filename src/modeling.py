@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from .config import ConfigError, LoraConfig
@@ -94,19 +95,37 @@ def length_limit(config, tokenizer) -> int:
 
 def check_targets(config, lora: LoraConfig) -> list[str] | str:
     """Resolve and check LoRA targets from the architecture alone (meta device: no weights read)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
     targets = resolve_targets(config.model_type, lora)
     if isinstance(targets, list):
-        with torch.device("meta"):
-            skeleton = AutoModelForSequenceClassification.from_config(config)
-        names = [n for n, _ in skeleton.named_modules()]
+        names = [n for n, _ in _skeleton(config).named_modules()]
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if missing:
             raise ConfigError(f"LoRA targets {missing} do not match modules of {config.model_type!r}; "
                               f"pass --lora-target-modules with names from the model or all-linear")
     return targets
+
+
+def planned_params(config, strategy: str, lora: LoraConfig, num_labels: int) -> ParamCount:
+    """Trainable and total parameters of the model a run will build, from the architecture alone
+    (meta device), so checkpoint sizes are known before any weight loads."""
+    import warnings
+
+    config = copy.deepcopy(config)
+    config.num_labels = num_labels
+    model = _skeleton(config)
+    if strategy == "lora":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft probes a deprecated transformers property
+            model = wrap_lora(model, lora)
+    return count_params(model)
+
+
+def _skeleton(config):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
 
 
 def load_tokenizer(name: str):

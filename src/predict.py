@@ -24,10 +24,12 @@ from .cli import fail, main
 @click.option("--input", "input_path", type=click.Path(path_type=Path),
               help="CSV, JSON lines or Parquet file of texts.")
 @click.option("--text-column", default="text", show_default=True, help="Column of --input holding the texts.")
+@click.option("--label-column", default="",
+              help="Column of --input holding true labels: checked against the model's label map, accuracy reported.")
 @click.option("--output", "output_path", type=click.Path(path_type=Path),
               help="Write the input rows plus predictions here (.csv, .jsonl or .parquet); default: print.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, text_column: str,
+def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, text_column: str, label_column: str,
             output_path: Path | None, batch_size: int) -> None:
     """Label texts with a trained classifier (no network needed for a registered model)."""
     from .config import ConfigError
@@ -48,6 +50,10 @@ def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, tex
             columns = ", ".join(map(str, frame.columns))
             fail(ConfigError(f"{input_path} has no column {text_column!r} (columns: {columns}); set --text-column"))
         texts = tuple(frame[text_column].astype(str))
+        if label_column and label_column not in frame.columns:
+            fail(ConfigError(f"{input_path} has no column {label_column!r}; set --label-column"))
+    elif label_column:
+        fail(ConfigError("--label-column needs --input FILE"))
 
     import mlflow
 
@@ -57,8 +63,18 @@ def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, tex
         fail(ConfigError(f"cannot load model {model_uri!r}: {str(exc).splitlines()[0]}"))
         return
     classifier = model.unwrap_python_model()
+    truth = None
+    if label_column:
+        truth = frame[label_column].astype(str).tolist()
+        unknown = sorted(set(truth) - set(classifier.labels))
+        if unknown:
+            fail(ConfigError(f"labels {unknown[:5]} in column {label_column!r} of {input_path} are not labels of "
+                             f"this model ({classifier.labels}); it was trained on another label map"))
     out = classifier.classify(list(texts), batch_size=batch_size,
                               progress="predict" if input_path is not None else None)
+    if truth is not None:
+        accuracy = sum(p == t for p, t in zip(out["label"], truth, strict=True)) / len(truth)
+        click.echo(f"accuracy against {label_column!r}: {accuracy:.4f} ({len(truth)} texts)", err=True)
     if output_path is None:
         shown = out.copy()
         shown.insert(0, "text", [t if len(t) <= 60 else t[:57] + "..." for t in texts])

@@ -47,6 +47,54 @@ def check_reachable(timeout: float = 5.0) -> None:
                       f"MLFLOW_TRACKING_URI, or unset it to use the local sqlite:///mlflow.db")
 
 
+def check_experiment(name: str) -> None:
+    """A deleted experiment, or a local store or artifact folder this process cannot write, fails
+    now: MLflow would only refuse when the run opens or, for artifacts, after training."""
+    from .config import ConfigError
+
+    store = _local_path(mlflow.get_tracking_uri())
+    if store is not None:
+        _check_writable(store, "the MLflow store")
+        if not store.exists():
+            return  # a fresh local store holds no experiment yet (opening it would create the file)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return  # inside `mlflow run`, which chose the experiment and opened the run
+    experiment = mlflow.MlflowClient().get_experiment_by_name(name)
+    if experiment is None:
+        return
+    if experiment.lifecycle_stage == "deleted":
+        raise ConfigError(f"experiment {name!r} is deleted; restore it with `mlflow experiments restore "
+                          f"--experiment-id {experiment.experiment_id}` or pick another --experiment-name")
+    artifacts = _local_path(experiment.artifact_location)
+    if artifacts is not None:
+        _check_writable(artifacts, f"the artifact folder of experiment {name!r}")
+
+
+def _local_path(uri: str) -> Path | None:
+    """The file behind a local store or artifact URI; None for servers and object stores."""
+    from urllib.parse import unquote, urlparse
+
+    if uri.startswith("sqlite:///"):
+        return Path(unquote(uri[len("sqlite:///"):].split("?", 1)[0]))
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):  # a plain path
+        return Path(uri)
+    return None
+
+
+def _check_writable(path: Path, what: str) -> None:
+    from .config import ConfigError
+
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"{what} ({path}) is not writable by this user; fix its permissions or point "
+                          f"MLFLOW_TRACKING_URI elsewhere")
+
+
 def redact(uri: str) -> str:
     """Passwords in URLs never reach params, tags or messages."""
     import re
@@ -140,7 +188,7 @@ def _close(active: mlflow.ActiveRun, status: str) -> None:
         mlflow.end_run(status)
 
 
-def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = False) -> None:
+def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = False, tokenizer=None) -> None:
     """Params once each: settings already logged by `mlflow run -P` are skipped, not re-logged,
     because MLflow refuses a second value for a key ("5e-4" vs 0.0005 would clash)."""
     client = mlflow.MlflowClient()
@@ -148,12 +196,15 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
     existing = client.get_run(run_id).data.params
     values = {**cfg.flat(), **params, "num_labels": len(splits.labels),
               "train_size": len(splits.train), "val_size": len(splits.val), "test_size": len(splits.test),
-              "test_texts_in_train": splits.test_in_train}
+              "test_texts_in_train": splits.test_in_train,
+              "duplicate_train_texts": splits.duplicate_train_texts,
+              "conflicting_train_texts": splits.conflicting_train_texts}
     fresh = {k: str(v) for k, v in values.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
     dataset = Path(cfg.data.train_data).name if cfg.data.train_data else cfg.data.dataset
     mlflow.set_tags({"strategy": cfg.model.strategy, "model": cfg.model.model, "dataset": dataset})
+    mlflow.set_tags(data_contract(splits, cfg.data.split_seed, tokenizer))
     mlflow.log_dict({**cfg.flat(), "learning_rate": cfg.learning_rate}, "config/resolved_config.yaml")
     mlflow.log_dict({"id2label": dict(enumerate(splits.labels))}, "config/label_map.json")
     def source_of(where: str):
@@ -175,25 +226,59 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
             mlflow.log_input(ds, context=context)
 
 
+def data_contract(splits, split_seed: int, tokenizer=None) -> dict[str, str]:
+    """What a model was trained on, as tags: one fingerprint per split, the split seed, the label
+    map and the tokenizer's hash; the registered model carries the last two and checks them."""
+    import json
+
+    from .data import fingerprint, tokenizer_hash
+
+    tags = {f"data.fingerprint.{name}": fingerprint(df)
+            for name, df in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+    tags.update({"data.split_seed": str(split_seed), "data.label_map": json.dumps(splits.labels)})
+    if tokenizer is not None:
+        tags["tokenizer.hash"] = tokenizer_hash(tokenizer)
+    return tags
+
+
 def log_evaluation(split: str, ev, names: list[str], texts: list[str] | None = None,
-                   prefix: str = "") -> dict[str, float]:
+                   prefix: str = "", lengths=None, max_length: int = 0,
+                   temperature: float = 1.0) -> dict[str, float]:
     """Metrics as `<split>/<prefix><name>`; artifacts under `<split>/`: confusion matrix (PNG and
-    JSON), ROC curve, classification report and, given texts, the most confident mistakes."""
+    JSON), ROC curve, reliability diagram, classification report and, given texts, the most confident
+    mistakes; given token lengths, metrics per length slice and per class.
+
+    With a temperature other than 1 the metrics are those of the calibrated probabilities (what the
+    served model returns), and `ece_uncalibrated` / `brier_uncalibrated` keep the raw ones."""
     import matplotlib.pyplot as plt
 
     from . import evaluate
 
-    values = evaluate.metrics(ev, len(names))
-    mlflow.log_metrics({f"{split}/{prefix}{k}": v for k, v in values.items() if math.isfinite(v)})
+    raw = evaluate.metrics(ev, len(names))
+    if temperature != 1.0:
+        ev = evaluate.calibrated(ev, temperature)
+    values = evaluate.metrics(ev, len(names)) if temperature != 1.0 else raw
+    logged = {**values, **evaluate.per_class(ev, names)}
+    if temperature != 1.0:
+        logged.update({"ece_uncalibrated": raw["ece"], "brier_uncalibrated": raw["brier"]})
+    mlflow.log_metrics({f"{split}/{prefix}{k}": v for k, v in logged.items() if math.isfinite(v)})
     cm = evaluate.confusion(ev, len(names))
     mlflow.log_dict({"labels": names, "matrix": cm.tolist()}, f"{split}/confusion_matrix.json")
-    for fig, file in ((evaluate.confusion_figure(cm, names, f"{split} confusion matrix"), "confusion_matrix.png"),
-                      (evaluate.roc_figure(ev, names, f"{split} ROC"), "roc_curve.png")):
+    figures = [(evaluate.confusion_figure(cm, names, f"{split} confusion matrix"), "confusion_matrix.png"),
+               (evaluate.roc_figure(ev, names, f"{split} ROC"), "roc_curve.png"),
+               (evaluate.reliability_figure(ev, f"{split} reliability"), "reliability.png")]
+    slices = None
+    if lengths is not None and max_length:
+        slices = evaluate.length_slices(lengths, max_length)
+        table = evaluate.slice_table(ev, slices, names)
+        mlflow.log_table(table, f"{split}/slices.json")
+        figures.append((evaluate.slice_figure(table, f"{split} accuracy by slice"), "slices.png"))
+    for fig, file in figures:
         mlflow.log_figure(fig, f"{split}/{file}")
         plt.close(fig)
     mlflow.log_dict(evaluate.report(ev, names), f"{split}/classification_report.json")
     if texts is not None:
-        mlflow.log_table(evaluate.worst_errors(ev, texts, names), f"{split}/misclassified.json")
+        mlflow.log_table(evaluate.worst_errors(ev, texts, names, slices=slices), f"{split}/misclassified.json")
     return values
 
 
@@ -206,20 +291,33 @@ def log_adapter(model, tokenizer) -> None:
         mlflow.log_artifacts(tmp, "adapter")
 
 
-def log_servable(model, tokenizer, max_length: int, registered_model_name: str = ""):
+def log_weights(model, tokenizer) -> None:
+    """A fully fine-tuned model's weights (safetensors) and tokenizer under `weights/`: what a tuning
+    study needs to register a full fine-tuning winner without training it again."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        mlflow.log_artifacts(tmp, "weights")
+
+
+def log_servable(model, tokenizer, max_length: int, registered_model_name: str = "", temperature: float = 1.0):
     """Log a self-contained pyfunc model (LoRA merged, no base model or network needed to load) and
     optionally register it. Returns the ModelInfo."""
     import pandas as pd
     from mlflow.models import infer_signature
 
     from . import serving
+    from .data import tokenizer_hash
 
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         example = pd.DataFrame({"text": ["a wonderful film", "a dull mess"]})
         classifier = serving.TextClassifier()
-        classifier.load(tmp, max_length)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        config = {"max_length": max_length, "temperature": temperature, "labels": labels,
+                  "tokenizer_hash": tokenizer_hash(tokenizer)}
+        classifier.load(tmp, **config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             signature = infer_signature(example, classifier.classify(example["text"].tolist()))
@@ -228,7 +326,7 @@ def log_servable(model, tokenizer, max_length: int, registered_model_name: str =
             python_model=serving.TextClassifier(),
             artifacts={"model": tmp},
             code_paths=[str(Path(__file__).parent)],
-            model_config={"max_length": max_length},
+            model_config=config,
             signature=signature,
             input_example=example,
             pip_requirements=serving.requirements(),

@@ -62,13 +62,22 @@ def make_pruner(name: str):
 
 
 def sample(trial, space: dict[str, list]) -> dict[str, Any]:
-    lr_low, lr_high = space["learning_rate"]
+    """Settings of one trial. With full fine-tuning in the search the strategy is sampled first and
+    the rest is conditional on it (full trials have their own learning-rate range)."""
+    def log_float(name: str, pair: list[float]) -> float:
+        low, high = pair
+        return trial.suggest_float(name, low, high, log=True) if low < high else low
+
+    strategies = space["strategy"]
+    strategy = trial.suggest_categorical("strategy", strategies) if len(strategies) > 1 else strategies[0]
+    if strategy == "full":
+        return {"strategy": "full", "learning_rate": log_float("full_learning_rate", space["full_learning_rate"])}
     drop_low, drop_high = space["lora_dropout"]
     return {
+        "strategy": "lora",
         "lora_r": trial.suggest_categorical("lora_r", space["lora_r"]),
         "lora_alpha": trial.suggest_categorical("lora_alpha", space["lora_alpha"]),
-        "learning_rate": trial.suggest_float("learning_rate", lr_low, lr_high, log=True) if lr_low < lr_high
-        else lr_low,
+        "learning_rate": log_float("learning_rate", space["learning_rate"]),
         "lora_dropout": trial.suggest_float("lora_dropout", drop_low, drop_high) if drop_low < drop_high
         else drop_low,
         "lora_target_modules": trial.suggest_categorical("lora_target_modules", space["lora_target_modules"]),
@@ -76,7 +85,7 @@ def sample(trial, space: dict[str, list]) -> dict[str, Any]:
 
 
 def trial_config(base: RunConfig, params: dict[str, Any], number: int) -> RunConfig:
-    """The LoRA run of one trial: the base settings with the sampled ones; trials never register."""
+    """The run of one trial: the base settings with the sampled ones; trials never register."""
     # Trials are not resumable (a killed trial is FAIL in Optuna), so they write no checkpoints.
     cfg = RunConfig.from_flat({**base.flat(), **params, "registered_model_name": "", "checkpoint_dir": "",
                                "resume_run_id": ""})
@@ -133,11 +142,18 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
     prepare(base)  # data, tokenizer and model checks before any storage or run is touched
     storage = make_storage(tc)
     direction = "minimize" if cfg.train.selection_metric == "loss" else "maximize"
+    multi = tc.multi_objective
+    cost = tc.objectives.split(",")[1] if multi else ""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if multi and tc.pruner != "none":
+        click.echo("multi-objective search: trials are not pruned (Optuna prunes single-objective studies only)",
+                   err=True)
     try:
-        study = optuna.create_study(study_name=tc.study_name, storage=storage, direction=direction,
+        # TPE handles several objectives itself (MOTPE); the cost objective is always minimised.
+        study = optuna.create_study(study_name=tc.study_name, storage=storage,
+                                    directions=[direction, "minimize"] if multi else [direction],
                                     sampler=optuna.samplers.TPESampler(seed=tc.sampler_seed),
-                                    pruner=make_pruner(tc.pruner), load_if_exists=True)
+                                    pruner=make_pruner("none" if multi else tc.pruner), load_if_exists=True)
     except ValueError as exc:
         raise ConfigError(f"study {tc.study_name!r}: {exc}") from exc
     optuna.storages.fail_stale_trials(study)  # trials of killed workers -> FAIL (no-op without heartbeats)
@@ -148,20 +164,23 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
     study_settings["storage"] = tracking.redact(tc.storage)
     with tracking.run(base, name=f"study-{tc.study_name}",
                       tags={"optuna.study": tc.study_name, "tune.host": socket.gethostname(),
-                            "tune.pid": str(os.getpid()), "strategy": "lora-search"}) as parent:
+                            "tune.pid": str(os.getpid()), "strategy": "search"}) as parent:
         closed = close_orphans(client, parent.info.experiment_id, study, tc.study_name)
         if closed:
             click.echo(f"marked {closed} MLflow run(s) of a killed worker as KILLED", err=True)
         existing = client.get_run(parent.info.run_id).data.params
         mlflow.log_params({k: str(v) for k, v in {**study_settings, "search_space": json.dumps(space),
-                                                   "selection_metric": metric, "direction": direction}.items()
+                                                   "selection_metric": metric, "direction": direction,
+                                                   "cost_objective": cost}.items()
                            if k not in existing})
 
-        def objective(trial) -> float:
+        def objective(trial) -> float | tuple[float, float]:
             params = sample(trial, space)
             tcfg = trial_config(base, params, trial.number)
 
             def report(epoch: int, values: dict[str, float]) -> None:
+                if multi:
+                    return
                 trial.report(values[metric], epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch}")
@@ -170,19 +189,30 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
                 trial.set_user_attr("mlflow_run_id", run_id)
 
             tags = {"optuna.study": tc.study_name, "optuna.trial": str(trial.number), "optuna.state": "RUNNING"}
-            return run_and_tag(tcfg, tags, remember, report, trial).val[metric]
+            out = run_and_tag(tcfg, tags, remember, report, trial)
+            if not multi:
+                return out.val[metric]
+            return out.val[metric], float(out.trainable_params if cost == "trainable_params" else out.train_seconds)
 
         def run_and_tag(tcfg, tags, remember, report, trial):
             from .experiment import run_experiment
 
             state = "FAIL"
             try:
+                # Full fine-tuning trials keep their weights: a full winner is registered from them.
                 out = run_experiment(tcfg, nested=True, tags=tags, on_start=remember, on_epoch=report,
-                                     killed_on=(optuna.TrialPruned,), evaluate_test=False)
+                                     killed_on=(optuna.TrialPruned,), evaluate_test=False,
+                                     keep_weights=tcfg.model.strategy == "full")
                 state = "COMPLETE"
                 return out
             except optuna.TrialPruned:
                 state = "PRUNED"
+                raise
+            except KeyboardInterrupt:
+                # Optuna records the trial as FAIL and re-raises; this worker stops (its parent run
+                # KILLED) and the same command continues the study with the next trial.
+                click.echo(f"trial {trial.number} interrupted: FAIL in study {tc.study_name!r}; run the same "
+                           f"command to continue with the next trial", err=True)
                 raise
             finally:
                 run_id = trial.user_attrs.get("mlflow_run_id")
@@ -190,7 +220,9 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
                     client.set_tag(run_id, "optuna.state", state)
 
         def progress(_study, trial) -> None:
-            value = "" if trial.value is None else f"{metric}={trial.value:.4f}"
+            value = "" if trial.values is None else f"{metric}={trial.values[0]:.4f}"
+            if multi and trial.values is not None:
+                value += f" {cost}={_fmt(trial.values[1])}"
             if trial.state == TrialState.PRUNED:
                 value = f"pruned at epoch {trial.last_step}"
             shown = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
@@ -209,21 +241,33 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             raise ConfigError(f"study {tc.study_name!r} has no complete trial; nothing to register")
-        best = study.best_trial
+        if multi:
+            # The Pareto front is the answer to "what does quality cost"; the registry gets its
+            # best-metric member (on a front, the best metric is the best of the whole study).
+            front = study.best_trials
+            pick = min if direction == "minimize" else max
+            best = pick(front, key=lambda t: t.values[0])
+            mlflow.log_dict({"objectives": [metric, cost],
+                             "trials": [{"number": t.number, "values": t.values, "params": t.params,
+                                         "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in front]},
+                            "study/pareto_front.json")
+            mlflow.log_param("pareto_trials", ",".join(str(t.number) for t in sorted(front, key=lambda t: t.number)))
+        else:
+            best = study.best_trial
+        best_value = best.values[0]
         mlflow.log_params({f"best_{k}": str(v) for k, v in best.params.items()})
-        mlflow.log_metrics({f"best/val_{metric}": best.value, "best/trial": best.number,
+        mlflow.log_metrics({f"best/val_{metric}": best_value, "best/trial": best.number,
                             "trials/complete": len(complete),
                             "trials/pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))),
                             "trials/failed": len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))})
-        _log_figures(study)
-        result = {"study": tc.study_name, "best_trial": best.number, "best_value": best.value,
+        _log_figures(study, metric, cost)
+        result = {"study": tc.study_name, "best_trial": best.number, "best_value": best_value,
                   "best_params": best.params, "best_run_id": best.user_attrs.get("mlflow_run_id")}
         name = cfg.tracking.registered_model_name
         if name:
             result.update(registry.register_best(
                 base, best_run_id=result["best_run_id"], best_params=best.params, study_name=tc.study_name,
-                trial_number=best.number, metric=metric, value=best.value, direction=direction,
-                evaluate_test=tc.evaluate_test))
+                trial_number=best.number, metric=metric, value=best_value, evaluate_test=tc.evaluate_test))
         mlflow.log_dict(result, "study/result.json")
     return result
 
@@ -236,14 +280,15 @@ def _summary(study) -> str:
     keys = sorted({k for t in study.trials for k in t.params})
     rows = ["| trial | state | value | " + " | ".join(keys) + " |", "|" + "---|" * (3 + len(keys))]
     for t in study.trials:
-        value = "" if t.value is None else f"{t.value:.4f}"
+        value = "" if t.values is None else " / ".join(_fmt(v) if i else f"{v:.4f}" for i, v in enumerate(t.values))
         rows.append(f"| {t.number} | {t.state.name} | {value} | "
                     + " | ".join(_fmt(t.params.get(k, "")) for k in keys) + " |")
     return "\n".join(rows)
 
 
-def _log_figures(study) -> None:
-    """Optimization history, parameter importances and rank-vs-alpha, each where Optuna can draw it."""
+def _log_figures(study, metric: str, cost: str = "") -> None:
+    """Optimization history, parameter importances, rank-vs-alpha and, for two objectives, the
+    Pareto front; each where Optuna can draw it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,12 +296,16 @@ def _log_figures(study) -> None:
     import mlflow
     from optuna.visualization import matplotlib as ovm
 
+    # With two objectives the single-objective plots show the quality objective.
+    target = {"target": (lambda t: t.values[0]), "target_name": metric} if cost else {}
     plots = {
-        "optimization_history.png": lambda: ovm.plot_optimization_history(study),
-        "param_importances.png": lambda: ovm.plot_param_importances(study),
-        "rank_vs_alpha.png": lambda: ovm.plot_contour(study, params=["lora_r", "lora_alpha"]),
-        "slices.png": lambda: ovm.plot_slice(study),
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study, **target),
+        "param_importances.png": lambda: ovm.plot_param_importances(study, **target),
+        "rank_vs_alpha.png": lambda: ovm.plot_contour(study, params=["lora_r", "lora_alpha"], **target),
+        "slices.png": lambda: ovm.plot_slice(study, **target),
     }
+    if cost:
+        plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=[metric, cost])
     for name, draw in plots.items():
         try:
             with warnings.catch_warnings():

@@ -1,5 +1,6 @@
 """Bad input: one clear `error:` line, non-zero exit, before training, and no MLflow run left behind."""
 
+import mlflow
 import pytest
 
 from tests.builders import sentiment_frame
@@ -39,6 +40,11 @@ CASES = {
     "max_length beyond the model": (["--max-length", "1024"], "--max-length 1024 exceeds"),
     "tracking server down": (["--experiment-name", "x"], "is not reachable"),
     "bad registered model name": (["--registered-model-name", "my model!"], "--registered-model-name may hold"),
+    "class weights per label": (["--class-weights", "1,2,3"], "--class-weights gives 3 weight(s) for 2 labels"),
+    "class weights not numbers": (["--class-weights", "heavy"], "--class-weights must be numbers"),
+    "promotion alpha out of range": (["--promotion-alpha", "2"], "--promotion-alpha must be between 0 and 1"),
+    "checkpoint folder is a file": (["--checkpoint-dir", "{d}/notes.txt"], "is not a folder"),
+    "deleted experiment": (["--experiment-name", "bad-deleted experiment"], "is deleted; restore it with"),
 }
 
 
@@ -52,9 +58,25 @@ def test_bad_input_fails_fast_and_cleanly(name, bad_files, distilbert_dir, track
         base.pop(given[i], None)
     argv = [x for kv in base.items() for x in kv] + given
     env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"} if name == "tracking server down" else None
+    if name == "deleted experiment":
+        tracking.delete_experiment(tracking.create_experiment(f"bad-{name}"))
     proc = run_cli(argv, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert tracking.get_experiment_by_name(f"bad-{name}") is None  # nothing created in MLflow
+    experiment = tracking.get_experiment_by_name(f"bad-{name}")
+    if name == "deleted experiment":  # it exists, deleted, and stays empty
+        assert experiment.lifecycle_stage == "deleted"
+        assert not tracking.search_runs([experiment.experiment_id], run_view_type=mlflow.entities.ViewType.ALL)
+    else:
+        assert experiment is None  # nothing created in MLflow
+
+
+def test_checkpoints_that_cannot_fit_the_disk_are_refused_before_work(tmp_path):
+    from src.checkpoint import check_space
+    from src.config import ConfigError
+
+    assert check_space(tmp_path / "new" / "sub", trainable=1000) > 0  # a folder still to create is fine
+    with pytest.raises(ConfigError, match=r"GiB free, checkpoints of this model need"):
+        check_space(tmp_path, trainable=10**15)  # 32 PB of checkpoints

@@ -86,3 +86,20 @@ def test_length_grouped_batches_cover_everything_once_with_little_padding():
 def test_sorted_batches_longest_first():
     lengths = np.array([3, 9, 1, 7])
     assert [b.tolist() for b in sorted_batches(lengths, 2)] == [[1, 3], [0, 2]]
+
+
+def test_duplicate_train_texts_are_counted(tmp_path):
+    from collections import Counter, defaultdict
+
+    df = pd.DataFrame({"text": [f"review number {i}" for i in range(100)], "label": [i % 2 for i in range(100)]})
+    flipped = df.head(3).assign(label=1 - df.head(3).label)  # same texts, the other label
+    pd.concat([df, df.iloc[10:15], df.iloc[10:15], flipped]).to_parquet(tmp_path / "train.parquet")
+    df.head(20).to_parquet(tmp_path / "test.parquet")
+    s = load_splits(DataConfig(train_data=str(tmp_path / "train.parquet"), test_data=str(tmp_path / "test.parquet"),
+                               val_fraction=0.1, split_seed=0))
+    counts = Counter(s.train["text"])
+    labels = defaultdict(set)
+    for text, label in zip(s.train["text"], s.train["label"], strict=True):
+        labels[text].add(label)
+    assert s.duplicate_train_texts == sum(c - 1 for c in counts.values()) >= 8
+    assert s.conflicting_train_texts == sum(len(v) > 1 for v in labels.values()) >= 1

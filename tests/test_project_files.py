@@ -8,13 +8,15 @@ import sys
 import yaml
 
 from src.cli import option_name, train
-from src.config import DEFAULT_LEARNING_RATE, LoraConfig, TuneConfig, all_fields
+from src.compare import compare
+from src.config import DEFAULT_LEARNING_RATE, CompareConfig, LoraConfig, TuneConfig, all_fields
 from src.tune import SEARCHED, TUNE_DEFAULTS, tune
 from tests.conftest import ROOT
 
 LORA = {f.name for f in dataclasses.fields(LoraConfig)}
 SETTINGS = {f.name: f for f in all_fields()}
 TUNE = {f.name: f for f in dataclasses.fields(TuneConfig)}
+COMPARE = {f.name: f for f in dataclasses.fields(CompareConfig)}
 
 
 def entry_points():
@@ -23,18 +25,19 @@ def entry_points():
 
 def test_mlproject_parameters_equal_config_fields():
     eps = entry_points()
-    assert set(eps) == {"full", "lora", "main", "tune"}
+    assert set(eps) == {"full", "lora", "main", "tune", "compare"}
     assert set(eps["full"]["parameters"]) == set(SETTINGS) - LORA - {"strategy"}
     assert set(eps["lora"]["parameters"]) == set(SETTINGS) - {"strategy"}
     assert eps["main"] == eps["lora"]
     assert set(eps["tune"]["parameters"]) == (set(SETTINGS) - set(SEARCHED)) | set(TUNE)
+    assert set(eps["compare"]["parameters"]) == set(COMPARE)
 
 
 def test_mlproject_defaults_equal_config_defaults():
-    for ep, strategy in (("full", "full"), ("lora", "lora"), ("tune", "lora")):
+    for ep, strategy in (("full", "full"), ("lora", "lora"), ("tune", "lora"), ("compare", "")):
         params = entry_points()[ep]["parameters"]
         for name, spec in params.items():
-            field = SETTINGS.get(name) or TUNE[name]
+            field = COMPARE[name] if ep == "compare" else SETTINGS.get(name) or TUNE[name]
             expected = field.default
             if name == "learning_rate":
                 expected = DEFAULT_LEARNING_RATE[strategy]
@@ -52,7 +55,7 @@ def test_mlproject_commands_pass_every_parameter_to_the_cli():
         flags = re.findall(r"--(\w+) \{(\w+)\}", spec["command"])
         assert all(a == b for a, b in flags)
         assert {a for a, _ in flags} == set(spec["parameters"]), ep
-        if ep != "tune":
+        if ep not in ("tune", "compare"):
             assert f"--strategy {'lora' if ep == 'main' else ep}" in spec["command"]
 
 
@@ -68,25 +71,30 @@ def test_cli_options_equal_config_fields():
         if name in tune_opts:
             assert option_name(name) in tune_opts[name].opts
             assert tune_opts[name].default == TUNE_DEFAULTS.get(name, f.default)
+    compare_opts = {p.name: p for p in compare.params}
+    assert set(compare_opts) == set(COMPARE)
+    for name, f in COMPARE.items():
+        assert option_name(name) in compare_opts[name].opts and compare_opts[name].default == f.default
 
 
 def test_readme_documents_every_setting_and_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     first_screen = "\n".join(readme.splitlines()[:15])
     assert "make lora" in first_screen and "make test" in first_screen
-    for name in [*SETTINGS, *TUNE]:
+    for name in [*SETTINGS, *TUNE, *COMPARE]:
         assert f"| `{name}` |" in readme, name
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
 def test_help_is_instant_and_light():
-    for module in ("src.train", "src.tune"):
+    for module in ("src.train", "src.tune", "src.compare", "src.predict"):
         code = ("import sys, runpy; sys.argv=['x','--help']\n"
                 f"try: runpy.run_module('{module}', run_name='__main__')\n"
                 "except SystemExit: pass\n"
                 "print(sorted(m for m in ('torch','transformers','mlflow','peft','optuna') if m in sys.modules))")
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert "--n-trials" in out.stdout or module == "src.train"
+        assert out.stdout.startswith(f"Usage: python -m {module}"), out.stdout[:300] + out.stderr[-1000:]
+        assert "--n-trials" in out.stdout or module != "src.tune"
         assert out.stdout.strip().endswith("[]"), out.stdout[-500:]
 
 

@@ -67,6 +67,7 @@ def test_winner_is_registered_as_champion_and_predicts_offline(tracking, first_s
     version = tracking.get_model_version_by_alias("tuned-tiny", "champion")
     assert version.version == result["version"] == "1"
     assert version.tags["optuna.study"] == "first" and version.tags["trial_run_id"] == result["best_run_id"]
+    assert version.tags["evidence.note"] == "first champion of this model" and version.tags["decision"] == "champion"
     import pandas as pd
 
     model = mlflow.pyfunc.load_model("models:/tuned-tiny@champion")
@@ -84,8 +85,11 @@ def test_worse_study_leaves_champion_and_becomes_challenger(tracking, first_stud
     assert result["alias"] == "challenger" and result["version"] == "2"
     assert tracking.get_model_version_by_alias("tuned-tiny", "champion").version == "1"
     assert tracking.get_model_version_by_alias("tuned-tiny", "challenger").version == "2"
-    decision = result["decision"]
-    assert decision["champion_value"] > decision["candidate_value"]
+    decision = result["decision"]  # judged on validation (evaluate_test off), champion and candidate alike
+    assert decision["split"] == "val" and not decision["significant"]
+    assert decision["champion_accuracy"] > decision["candidate_accuracy"]
+    version = tracking.get_model_version("tuned-tiny", "2")
+    assert version.tags["decision"] == "challenger" and "evidence.p_value" in version.tags
 
 
 def test_pruning_prunes_a_bad_region(tracking, distilbert_dir, data_files, tmp_path):
@@ -141,6 +145,35 @@ def test_killed_worker_resumes_without_orphan_runs(tracking, distilbert_dir, dat
     assert [r.info.status for r in killed] == ["KILLED"] and killed[0].data.tags["optuna.state"] == "FAIL"
 
 
+def test_interrupted_trial_fails_and_the_study_continues(tracking, distilbert_dir, data_files, tmp_path):
+    storage = f"sqlite:///{tmp_path}/o.db"
+    cmd = tune_cmd(distilbert_dir, data_files, storage, "interrupt", "tune-interrupt", 2)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # SIGTERM while the first trial trains
+            exp = tracking.get_experiment_by_name("tune-interrupt")
+            if exp and tracking.search_runs([exp.experiment_id], "tags.`optuna.trial` = '0'"):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "trial 0 interrupted: FAIL" in err, err[-2000:]
+    # FAIL at once, not after a heartbeat timeout; MLflow shows the same, nothing RUNNING
+    assert [t.state.name for t in optuna.load_study(study_name="interrupt", storage=storage).trials] == ["FAIL"]
+    runs = runs_of(tracking, "tune-interrupt")
+    assert sorted((r.data.tags.get("optuna.trial", "parent"), r.info.status) for r in runs) == [
+        ("0", "KILLED"), ("parent", "KILLED")]
+    assert [r.data.tags["optuna.state"] for r in runs if "optuna.trial" in r.data.tags] == ["FAIL"]
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = optuna.load_study(study_name="interrupt", storage=storage).trials
+    assert [(t.number, t.state.name) for t in trials] == [(0, "FAIL"), (1, "COMPLETE"), (2, "COMPLETE")]
+    assert not [r for r in runs_of(tracking, "tune-interrupt") if r.info.status == "RUNNING"]
+
+
 def test_two_workers_share_one_study(tracking, distilbert_dir, data_files, tmp_path):
     storage = f"sqlite:///{tmp_path}/o.db"
     optuna.create_study(study_name="shared", storage=storage, direction="maximize")
@@ -185,3 +218,43 @@ def test_journal_file_storage(tracking, distilbert_dir, data_files, tmp_path):
     run_study(base_cfg(distilbert_dir, data_files, "tune-journal", epochs=1, registered_model_name=""), tc)
     study = optuna.load_study(study_name="journal", storage=JournalStorage(JournalFileBackend(str(journal))))
     assert [t.state.name for t in study.trials] == ["COMPLETE"]
+
+
+def test_strategy_search_draws_a_cost_quality_front(tracking, distilbert_dir, data_files, tmp_path):
+    """Full fine-tuning against LoRA, two objectives: validation accuracy and trainable parameters."""
+    from src.compare import pareto_front
+
+    storage = f"sqlite:///{tmp_path}/o.db"
+    tc = TuneConfig(n_trials=4, study_name="frontier", storage=storage, strategy_choices="full,lora",
+                    objectives="metric,trainable_params", full_learning_rate_range="1e-3,1e-3",
+                    learning_rate_range="5e-3,5e-3", lora_r_choices="2,8", target_module_choices="auto",
+                    sampler_seed=3, evaluate_test=False)
+    result = run_study(base_cfg(distilbert_dir, data_files, "tune-frontier", epochs=1,
+                                registered_model_name="frontier-tiny"), tc)
+    study = optuna.load_study(study_name="frontier", storage=storage)
+    assert len(study.directions) == 2
+    trials = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert {t.params["strategy"] for t in trials} == {"full", "lora"}, [t.params for t in trials]
+    on_front = pareto_front([t.values[0] for t in trials], [t.values[1] for t in trials])
+    expected = sorted(t.number for t, f in zip(trials, on_front, strict=True) if f)
+    runs = runs_of(tracking, "tune-frontier")
+    [parent] = [r for r in runs if "optuna.trial" not in r.data.tags]
+    assert parent.data.params["pareto_trials"] == ",".join(map(str, expected))
+    assert {"study/pareto_front.png", "study/pareto_front.json"} <= {
+        a.path for a in tracking.list_artifacts(parent.info.run_id, "study")}
+    # every full trial kept its weights, so a full winner can be registered; the registered winner
+    # is the front's best-accuracy trial
+    for r in runs:
+        if r.data.tags.get("strategy") == "full":
+            assert "weights/model.safetensors" in {a.path for a in tracking.list_artifacts(r.info.run_id, "weights")}
+    best = max((t for t, f in zip(trials, on_front, strict=True) if f), key=lambda t: t.values[0])
+    assert result["best_trial"] == best.number and result["alias"] == "champion"
+
+
+def test_pareto_front_marks_only_non_dominated_points():
+    from src.compare import pareto_front
+
+    quality = [0.90, 0.85, 0.80, 0.92, 0.85, float("nan")]
+    cost = [1e5, 1e5, 5e4, 2e7, 3e5, 10]
+    # 0.85@1e5 is dominated by 0.90@1e5; 0.85@3e5 by 0.90@1e5; nan is never on the front
+    assert list(pareto_front(quality, cost)) == [True, False, True, True, False, False]
