@@ -36,4 +36,4 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) mlruns mlartifacts mlflow.db .pytest_cache .ruff_cache
+	rm -rf $(VENV) mlruns mlartifacts mlflow.db optuna.db checkpoints compare .pytest_cache .ruff_cache

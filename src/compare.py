@@ -159,8 +159,8 @@ def results_table(runs, champions: set[str] = frozenset()):
     table["reduction_vs_full_pct"] = 100 * (1 - table["trainable_params"] / reference)
     table["pareto"] = pareto_front(table["val_accuracy"], table["trainable_params"])
     table["champion"] = table["run_id"].isin(champions)
-    # Full fine-tuning first, then LoRA runs, then tuning trials; best validation first within each.
-    table["_order"] = table["strategy"].map({"full": 0, "lora": 1}) + table["trial"].notna()
+    # Runs before tuning trials, full fine-tuning before LoRA; best validation first within each.
+    table["_order"] = table["strategy"].map({"full": 0, "lora": 1}) + 2 * table["trial"].notna()
     table = table.sort_values(["_order", "val_accuracy"], ascending=[True, False], na_position="last")
     return table.drop(columns="_order").reset_index(drop=True)
 
@@ -266,7 +266,7 @@ def scatter_chart(table, metric: str = "accuracy"):
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(f"validation {metric} (best epoch)")
     ax.set_title(f"validation {metric} against trainable parameters")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -373,7 +373,8 @@ class RunConfig:
         return out
 
     def default_run_name(self) -> str:
-        lr = f"{self.learning_rate:.0e}".replace("e-0", "e-")
+        mantissa, exponent = f"{self.learning_rate:.1e}".split("e")
+        lr = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 1.5e-3, 5e-4: two digits, no rounding to 2e-3
         if self.model.strategy == "lora":
             return f"lora-r{self.lora.lora_r}-a{self.lora.lora_alpha:g}-lr{lr}"
         return f"full-lr{lr}"

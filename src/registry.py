@@ -154,7 +154,8 @@ def register_gated(model, tokenizer, max_length: int, temperature: float, name: 
 
 def rollback(client, name: str) -> dict[str, str]:
     """`champion` back to `previous-champion`; the demoted version becomes `previous-champion`, so a
-    second rollback undoes the first."""
+    second rollback undoes the first. `decision` tags keep what the gate decided at registration;
+    `rollback` tags say which version a rollback restored and which it demoted."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -163,9 +164,10 @@ def rollback(client, name: str) -> dict[str, str]:
         raise ConfigError(f"registered model {name!r} has no previous-champion to roll back to") from None
     current = current_champion(client, name)
     client.set_registered_model_alias(name, "champion", previous.version)
+    client.set_model_version_tag(name, previous.version, "rollback", "restored")
     if current is not None:
         client.set_registered_model_alias(name, "previous-champion", current.version)
-        client.set_model_version_tag(name, current.version, "decision", "rolled-back")
+        client.set_model_version_tag(name, current.version, "rollback", "demoted")
     return {"champion": previous.version, "previous-champion": current.version if current else ""}
 
 

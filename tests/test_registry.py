@@ -103,6 +103,8 @@ def test_gate_promotes_only_with_evidence_and_rollback_restores(tracking, tmp_pa
     # one command rolls back, and a second undoes it
     assert rollback(tracking, NAME) == {"champion": v1, "previous-champion": v2}
     assert current_champion(tracking, NAME).version == v1
+    assert tracking.get_model_version(NAME, v2).tags["rollback"] == "demoted"
+    assert tracking.get_model_version(NAME, v2).tags["decision"] == "champion"  # what the gate decided stays
     rollback(tracking, NAME)
     assert current_champion(tracking, NAME).version == v2
 
