@@ -83,8 +83,12 @@ def load(folder: str | Path, run_id: str, config: dict[str, Any]) -> dict[str, A
     # Our own file, written by save() above: it holds optimizer and RNG state, not only tensors.
     state = torch.load(path, map_location="cpu", weights_only=False)
     saved = state.get("config", {})
+    from .config import all_fields
+
+    # A setting added after the checkpoint was written had its default then.
+    defaults = {f.name: f.default for f in all_fields()}
     changed = sorted(k for k in set(saved) | set(config)
-                     if k not in MAY_CHANGE and str(saved.get(k)) != str(config.get(k)))
+                     if k not in MAY_CHANGE and str(saved.get(k, defaults.get(k))) != str(config.get(k)))
     if changed:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed[:4])
         raise ConfigError(f"run {run_id} was started with other settings ({shown}); resume it with the same ones")

@@ -73,6 +73,9 @@ def select_runs(cc: CompareConfig):
             if experiment is None:
                 raise ConfigError(f"experiment {name!r} does not exist on {where}; list them with "
                                   f"`mlflow experiments search`")
+            if experiment.lifecycle_stage == "deleted":
+                raise ConfigError(f"experiment {name!r} is deleted; restore it with `mlflow experiments restore "
+                                  f"--experiment-id {experiment.experiment_id}` or leave it out")
             experiment_ids.append(experiment.experiment_id)
         selection = "attributes.status = 'FINISHED'"
         described = f"experiment(s) {', '.join(cc.experiments())}"
@@ -310,6 +313,8 @@ def compare(**values: Any) -> None:
     """Results table (Markdown, CSV) and charts of tracked full/LoRA runs, logged as a `compare` run."""
     try:
         cc = CompareConfig(**values)
+        if Path(cc.output_dir).exists() and not Path(cc.output_dir).is_dir():
+            raise ConfigError(f"--output-dir {cc.output_dir!r} is a file; name a folder")
         from .tracking import check_reachable
 
         check_reachable()

@@ -169,11 +169,19 @@ def fingerprint(df: pd.DataFrame) -> str:
 
 
 def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the tokenizer's full definition (vocabulary, normalizer, special tokens)."""
+    """sha256 of the tokenizer's definition (vocabulary, normalizer, special tokens), without the
+    truncation and padding state that the last call left in it."""
     import hashlib
+    import json
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        text = json.dumps(spec, sort_keys=True)
+    else:
+        text = repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -45,6 +45,10 @@ def preflight(cfg: RunConfig):
                            .tolist())  # one weight per label, checked now
     check_reachable()
     check_experiment(cfg.tracking.experiment_name)
+    if cfg.tracking.registered_model_name:
+        from .registry import check_label_map
+
+        check_label_map(cfg.tracking.registered_model_name, splits.labels)
     tokenizer = load_tokenizer(cfg.model.model)
     config = load_config(cfg.model.model)
     limit = length_limit(config, tokenizer)
@@ -162,7 +166,8 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
             frame = splits.test if evaluate_test else splits.val
             register_gated(servable(model).cpu(), tokenizer, cfg.data.max_length, temperature,
                            cfg.tracking.registered_model_name, splits.labels, gate_ev.preds, gate_ev.labels,
-                           frame["text"].tolist(), cfg.tracking.promotion_alpha, gate_split)
+                           frame["text"].tolist(), cfg.tracking.promotion_alpha, gate_split,
+                           contract=tracking.data_contract(splits, cfg.data.split_seed, tokenizer))
         if saver is not None:
             saver.remove()  # finished: the model and its metrics are in MLflow now
         return Outcome(run_id, val, test, counts.trainable, counts.total, result.best_epoch, result.train_seconds)

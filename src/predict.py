@@ -50,6 +50,8 @@ def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, tex
             columns = ", ".join(map(str, frame.columns))
             fail(ConfigError(f"{input_path} has no column {text_column!r} (columns: {columns}); set --text-column"))
         texts = tuple(frame[text_column].astype(str))
+        if not texts:
+            fail(ConfigError(f"{input_path} has no rows"))
         if label_column and label_column not in frame.columns:
             fail(ConfigError(f"{input_path} has no column {label_column!r}; set --label-column"))
     elif label_column:

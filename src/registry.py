@@ -41,6 +41,7 @@ class Evidence:
     only_champion_right: int | None
     p_value: float | None
     significant: bool
+    same_training_data: bool | None = None
     note: str = ""
 
     def tags(self) -> dict[str, str]:
@@ -91,10 +92,29 @@ def champion_labels(name: str, version) -> list[str]:
     return [c[len("prob_"):] for c in out.columns if c.startswith("prob_")]
 
 
+def check_label_map(name: str, labels: list[str]) -> None:
+    """Before training: a registration the gate would refuse for its label map fails now."""
+    import mlflow
+
+    from .tracking import local_path
+
+    store = local_path(mlflow.get_tracking_uri())
+    if store is not None and not store.exists():
+        return  # no store yet, so no champion (and opening it would create it)
+    champion = current_champion(mlflow.MlflowClient(), name)
+    if champion is not None:
+        theirs = champion_labels(name, champion)
+        if theirs != labels:
+            raise ConfigError(f"the champion of {name!r} (version {champion.version}) has labels {theirs}, this "
+                              f"data {labels}; register under another --registered-model-name")
+
+
 def gather_evidence(client, name: str, labels: list[str], candidate_preds: np.ndarray, true_labels: np.ndarray,
-                    texts: list[str], alpha: float, split: str) -> tuple[Any, Evidence]:
+                    texts: list[str], alpha: float, split: str,
+                    contract: dict[str, str] | None = None) -> tuple[Any, Evidence]:
     """Everything the decision needs, before anything is registered: a label map that differs from
-    the champion's is refused here, with nothing written."""
+    the champion's is refused here, with nothing written. `contract` (the candidate's data tags) is
+    compared with the champion's run: a champion trained on other data may have seen these examples."""
     candidate_correct = candidate_preds == true_labels
     champion = current_champion(client, name)
     if champion is None:
@@ -113,7 +133,19 @@ def gather_evidence(client, name: str, labels: list[str], candidate_preds: np.nd
     predicted = model.predict(pd.DataFrame({"text": texts}))["label"].astype(str).tolist()
     index = {label: i for i, label in enumerate(labels)}
     champion_correct = np.array([index[p] for p in predicted]) == true_labels
-    return champion, paired_evidence(candidate_correct, champion_correct, alpha, split)
+    evidence = paired_evidence(candidate_correct, champion_correct, alpha, split)
+    notes = []
+    if contract:
+        theirs = client.get_run(champion.run_id).data.tags
+        keys = ("data.fingerprint.train", "data.split_seed")
+        evidence.same_training_data = all(theirs.get(k) == contract.get(k) for k in keys)
+        if not evidence.same_training_data:
+            notes.append("the champion was trained on other data or another split and may have seen these "
+                         "examples")
+    if split == "val":
+        notes.append("judged on validation, the split that selected the candidate: biased in its favour")
+    evidence.note = "; ".join(notes)
+    return champion, evidence
 
 
 def decide(client, name: str, version: str, champion, evidence: Evidence, labels: list[str]) -> dict[str, Any]:
@@ -134,14 +166,16 @@ def decide(client, name: str, version: str, champion, evidence: Evidence, labels
 
 def register_gated(model, tokenizer, max_length: int, temperature: float, name: str, labels: list[str],
                    candidate_preds: np.ndarray, true_labels: np.ndarray, texts: list[str], alpha: float,
-                   split: str, version_tags: dict[str, Any] | None = None) -> dict[str, Any]:
+                   split: str, version_tags: dict[str, Any] | None = None,
+                   contract: dict[str, str] | None = None) -> dict[str, Any]:
     """Gate, then log the servable model in the active run, register it, tag it and move the aliases."""
     import mlflow
 
     from . import tracking
 
     client = mlflow.MlflowClient()
-    champion, evidence = gather_evidence(client, name, labels, candidate_preds, true_labels, texts, alpha, split)
+    champion, evidence = gather_evidence(client, name, labels, candidate_preds, true_labels, texts, alpha, split,
+                                         contract)
     info = tracking.log_servable(model, tokenizer, max_length, name, temperature=temperature)
     version = str(info.registered_model_version)
     for key, value in (version_tags or {}).items():
@@ -219,11 +253,13 @@ def register_best(cfg: RunConfig, *, best_run_id: str, best_params: dict[str, An
                                                      lengths=encoded["test"].lengths,
                                                      max_length=cfg.data.max_length, temperature=temperature)
         name = cfg.tracking.registered_model_name
+        contract = tracking.data_contract(splits, cfg.data.split_seed, tokenizer)
+        mlflow.set_tags(contract)  # the study's run holds the registered model: it carries the data tags
         tags = {"optuna.study": study_name, "optuna.trial": trial_number, "trial_run_id": best_run_id,
                 "val_metric": metric, "val_metric_value": value, **{f"param.{k}": v for k, v in best_params.items()}}
         decision = register_gated(servable(model).cpu(), tokenizer, cfg.data.max_length, temperature, name,
                                   splits.labels, ev.preds, ev.labels, frame["text"].tolist(),
-                                  cfg.tracking.promotion_alpha, split, tags)
+                                  cfg.tracking.promotion_alpha, split, tags, contract)
     result.update({"registered_model": name, "version": decision["candidate_version"], "alias": decision["alias"],
                    "decision": decision})
     return result

@@ -52,7 +52,7 @@ def check_experiment(name: str) -> None:
     now: MLflow would only refuse when the run opens or, for artifacts, after training."""
     from .config import ConfigError
 
-    store = _local_path(mlflow.get_tracking_uri())
+    store = local_path(mlflow.get_tracking_uri())
     if store is not None:
         _check_writable(store, "the MLflow store")
         if not store.exists():
@@ -65,12 +65,12 @@ def check_experiment(name: str) -> None:
     if experiment.lifecycle_stage == "deleted":
         raise ConfigError(f"experiment {name!r} is deleted; restore it with `mlflow experiments restore "
                           f"--experiment-id {experiment.experiment_id}` or pick another --experiment-name")
-    artifacts = _local_path(experiment.artifact_location)
+    artifacts = local_path(experiment.artifact_location)
     if artifacts is not None:
         _check_writable(artifacts, f"the artifact folder of experiment {name!r}")
 
 
-def _local_path(uri: str) -> Path | None:
+def local_path(uri: str) -> Path | None:
     """The file behind a local store or artifact URI; None for servers and object stores."""
     from urllib.parse import unquote, urlparse
 

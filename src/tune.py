@@ -138,7 +138,9 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
     from .experiment import prepare
 
     space = tc.space()
-    base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, strategy="lora"))
+    # Trials write no checkpoints (see trial_config), so no checkpoint folder is checked for them.
+    base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, strategy="lora"),
+                               train=dataclasses.replace(cfg.train, checkpoint_dir=""))
     prepare(base)  # data, tokenizer and model checks before any storage or run is touched
     storage = make_storage(tc)
     direction = "minimize" if cfg.train.selection_metric == "loss" else "maximize"
@@ -156,6 +158,14 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
                                     pruner=make_pruner("none" if multi else tc.pruner), load_if_exists=True)
     except ValueError as exc:
         raise ConfigError(f"study {tc.study_name!r}: {exc}") from exc
+    wanted = [direction, "minimize"] if multi else [direction]
+    stored = [d.name.lower() for d in study.directions]
+    if stored != wanted:
+        # load_if_exists keeps the stored directions: every new trial would end FAIL after training.
+        raise ConfigError(f"study {tc.study_name!r} on {tracking.redact(tc.storage)} optimizes {len(stored)} "
+                          f"objective(s) ({', '.join(stored)}), this command {len(wanted)} "
+                          f"({', '.join(wanted)}); use the same --objectives and --selection-metric or another "
+                          f"--study-name")
     optuna.storages.fail_stale_trials(study)  # trials of killed workers -> FAIL (no-op without heartbeats)
     metric = cfg.train.selection_metric
     client = mlflow.MlflowClient()
@@ -266,7 +276,9 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
         name = cfg.tracking.registered_model_name
         if name:
             result.update(registry.register_best(
-                base, best_run_id=result["best_run_id"], best_params=best.params, study_name=tc.study_name,
+                # With one strategy in the search it is not an Optuna parameter; the registry needs it.
+                base, best_run_id=result["best_run_id"], best_params={"strategy": space["strategy"][0], **best.params},
+                study_name=tc.study_name,
                 trial_number=best.number, metric=metric, value=best_value, evaluate_test=tc.evaluate_test))
         mlflow.log_dict(result, "study/result.json")
     return result

@@ -109,10 +109,18 @@ def test_selection_by_run_ids_and_by_filter(tracking, three_runs, tmp_path):
     (["--experiment-name", EXPERIMENT, "--filter-string", "params.lora_r ~~ 4"], "is not a valid MLflow filter"),
     (["--run-ids", "0" * 32], f"run {'0' * 32} does not exist"),
     (["--run-ids", "abc"], "--run-ids must be MLflow run ids"),
+    (["--experiment-name", "compare-deleted"], "experiment 'compare-deleted' is deleted"),
+    (["--experiment-name", EXPERIMENT, "--output-dir", "{file}"], "is a file; name a folder"),
 ])
 def test_bad_selection_is_one_clear_error(tracking, three_runs, tmp_path, args, message):
+    if "compare-deleted" in args and tracking.get_experiment_by_name("compare-deleted") is None:
+        tracking.delete_experiment(tracking.create_experiment("compare-deleted"))
+    (tmp_path / "a-file").write_text("x")
+    args = [a.replace("{file}", str(tmp_path / "a-file")) for a in args]
+    if "--output-dir" not in args:
+        args += ["--output-dir", str(tmp_path / "out")]
     before = len(compare_runs(tracking, EXPERIMENT))
-    proc = compare_cli(*args, "--output-dir", str(tmp_path / "out"))
+    proc = compare_cli(*args)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]

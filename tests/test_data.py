@@ -88,6 +88,19 @@ def test_sorted_batches_longest_first():
     assert [b.tolist() for b in sorted_batches(lengths, 2)] == [[1, 3], [0, 2]]
 
 
+def test_tokenizer_hash_ignores_call_state(distilbert_dir):
+    from src.data import tokenizer_hash
+    from src.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(distilbert_dir))
+    before = tokenizer_hash(tok)
+    tok(["a b c d e f g"], truncation=True, max_length=4, padding="max_length")
+    assert tokenizer_hash(tok) == before
+    other = load_tokenizer(str(distilbert_dir))
+    other.add_tokens(["zzzunseen"])
+    assert tokenizer_hash(other) != before
+
+
 def test_duplicate_train_texts_are_counted(tmp_path):
     from collections import Counter, defaultdict
 

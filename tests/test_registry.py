@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from src.config import ConfigError
-from src.registry import current_champion, decide, gather_evidence, paired_evidence, rollback
+from src.registry import check_label_map, current_champion, decide, gather_evidence, paired_evidence, rollback
 
 N = 400
 NAME = "gated"
@@ -113,6 +113,29 @@ def test_gate_promotes_only_with_evidence_and_rollback_restores(tracking, tmp_pa
     with pytest.raises(ConfigError, match=r"has labels \['0', '1'\], this model \['neg', 'pos'\]"):
         gather_evidence(tracking, NAME, ["neg", "pos"], strong, truth, texts, 0.05, "test")
     assert len(tracking.search_model_versions(f"name = '{NAME}'")) == versions
+    # ... and a training run checks the same before its first step
+    check_label_map(NAME, ["0", "1"])
+    with pytest.raises(ConfigError, match="register under another --registered-model-name"):
+        check_label_map(NAME, ["neg", "pos"])
+
+
+def test_evidence_notes_a_champion_trained_on_other_data(tracking):
+    mlflow.set_experiment("registry-contract")
+    texts, truth, rng = vectors(2)
+    first = with_accuracy(truth, 0.7, rng)
+    with mlflow.start_run(run_name="lookup-model", tags={"data.fingerprint.train": "aaaa", "data.split_seed": "42"}):
+        info = mlflow.pyfunc.log_model(name="model", python_model=Lookup(), registered_model_name="contract",
+                                       model_config={"answers": {t: str(p) for t, p in zip(texts, first, strict=True)}})
+    tracking.set_registered_model_alias("contract", "champion", info.registered_model_version)
+    tracking.set_model_version_tag("contract", info.registered_model_version, "labels", '["0", "1"]')
+    candidate = with_accuracy(truth, 0.9, rng)
+    same = {"data.fingerprint.train": "aaaa", "data.split_seed": "42"}
+    _, evidence = gather_evidence(tracking, "contract", ["0", "1"], candidate, truth, texts, 0.05, "test", same)
+    assert evidence.same_training_data is True and evidence.note == ""
+    other = {"data.fingerprint.train": "bbbb", "data.split_seed": "42"}
+    _, evidence = gather_evidence(tracking, "contract", ["0", "1"], candidate, truth, texts, 0.05, "val", other)
+    assert evidence.same_training_data is False
+    assert "trained on other data" in evidence.note and "judged on validation" in evidence.note
 
 
 def test_rollback_command_without_a_previous_champion(tracking):

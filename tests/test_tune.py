@@ -251,6 +251,28 @@ def test_strategy_search_draws_a_cost_quality_front(tracking, distilbert_dir, da
     assert result["best_trial"] == best.number and result["alias"] == "champion"
 
 
+def test_a_study_keeps_its_objectives(tracking, distilbert_dir, data_files, tmp_path):
+    from src.config import ConfigError
+
+    storage = f"sqlite:///{tmp_path}/o.db"
+    optuna.create_study(study_name="single", storage=storage, direction="maximize")
+    tc = TuneConfig(n_trials=1, study_name="single", storage=storage, objectives="metric,trainable_params")
+    with pytest.raises(ConfigError, match=r"optimizes 1 objective\(s\) \(maximize\), this command 2"):
+        run_study(base_cfg(distilbert_dir, data_files, "tune-objectives", epochs=1), tc)
+    assert tracking.get_experiment_by_name("tune-objectives") is None  # refused before any run
+    assert optuna.load_study(study_name="single", storage=storage).trials == []
+
+
+def test_full_only_search_registers_from_weights(tracking, distilbert_dir, data_files, tmp_path):
+    tc = TuneConfig(n_trials=1, study_name="full-only", storage=f"sqlite:///{tmp_path}/o.db", pruner="none",
+                    strategy_choices="full", full_learning_rate_range="1e-3,1e-3", evaluate_test=False)
+    result = run_study(base_cfg(distilbert_dir, data_files, "tune-full-only", epochs=1,
+                                registered_model_name="full-only-tiny"), tc)
+    assert result["alias"] == "champion" and result["best_params"] == {}
+    version = tracking.get_model_version("full-only-tiny", result["version"])
+    assert version.tags["param.strategy"] == "full"
+
+
 def test_pareto_front_marks_only_non_dominated_points():
     from src.compare import pareto_front
 
