@@ -225,8 +225,12 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
                            f"command to continue with the next trial", err=True)
                 raise
             finally:
-                run_id = trial.user_attrs.get("mlflow_run_id")
-                if run_id:
+                run_ids = [trial.user_attrs["mlflow_run_id"]] if "mlflow_run_id" in trial.user_attrs else [
+                    # interrupted between creating its run and reporting the id: find the run by its tags
+                    r.info.run_id for r in client.search_runs(
+                        [parent.info.experiment_id],
+                        f"tags.`optuna.study` = '{tc.study_name}' and tags.`optuna.trial` = '{trial.number}'")]
+                for run_id in run_ids:
                     client.set_tag(run_id, "optuna.state", state)
 
         def progress(_study, trial) -> None:
