@@ -153,27 +153,31 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
     """
     inside_project = bool(os.environ.get("MLFLOW_RUN_ID")) and not nested
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    if resume_run_id:
-        active = mlflow.start_run(run_id=resume_run_id)  # back to RUNNING, same id, same history
-    else:
-        if not inside_project and not nested:
-            mlflow.set_experiment(cfg.tracking.experiment_name)
-        name = name or cfg.tracking.run_name or cfg.default_run_name()
-        # Tags go in with the creation itself: a process killed a moment later leaves a run that
-        # still says which study and trial it belongs to, so a restarted worker can close it.
-        active = mlflow.start_run(run_name=None if inside_project else name, nested=nested,
-                                  tags=None if inside_project else tags)
+    outer = mlflow.active_run()
+    active = None
     try:
-        if not resume_run_id:
+        # Opened inside the try: a Ctrl-C in the instant after the run is created still closes it.
+        if resume_run_id:
+            active = mlflow.start_run(run_id=resume_run_id)  # back to RUNNING, same id, same history
+        else:
+            if not inside_project and not nested:
+                mlflow.set_experiment(cfg.tracking.experiment_name)
+            name = name or cfg.tracking.run_name or cfg.default_run_name()
+            # Tags go in with the creation itself: a process killed a moment later leaves a run that
+            # still says which study and trial it belongs to, so a restarted worker can close it.
+            active = mlflow.start_run(run_name=None if inside_project else name, nested=nested,
+                                      tags=None if inside_project else tags)
             mlflow.set_tags({"mlflow.runName": name, **(tags or {})})
         yield active
     except (KeyboardInterrupt, *killed_on):
-        _close(active, "KILLED")
+        _close(_opened(active, outer), "KILLED")
         raise
     except BaseException:
-        with contextlib.suppress(Exception):
-            mlflow.log_text(traceback.format_exc(), "error/traceback.txt")
-        _close(active, "FAILED")
+        opened = _opened(active, outer)
+        if opened is not None:  # without a run of ours, log_text would start one
+            with contextlib.suppress(Exception):
+                mlflow.log_text(traceback.format_exc(), "error/traceback.txt")
+        _close(opened, "FAILED")
         raise
     else:
         _close(active, "FINISHED")
@@ -181,7 +185,20 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
         signal.signal(signal.SIGTERM, previous)
 
 
-def _close(active: mlflow.ActiveRun, status: str) -> None:
+def _opened(active, outer):
+    """The run this context opened: `active`, or, if an interrupt came between MLflow starting it
+    and the assignment, the active run when it is not the one that was active before."""
+    if active is not None:
+        return active
+    current = mlflow.active_run()
+    if current is not None and (outer is None or current.info.run_id != outer.info.run_id):
+        return current
+    return None
+
+
+def _close(active: mlflow.ActiveRun | None, status: str) -> None:
+    if active is None:
+        return
     with contextlib.suppress(Exception):
         mlflow.flush_async_logging()
     if mlflow.active_run() and mlflow.active_run().info.run_id == active.info.run_id:
