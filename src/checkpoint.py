@@ -53,13 +53,20 @@ BYTES_PER_TRAINABLE = 16
 MARGIN = 64 * 2**20
 
 
+def existing_ancestor(path: str | Path) -> Path:
+    """The path itself if it exists, else its nearest existing parent: where a folder still to be
+    created would get its permissions and its disk."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return existing
+
+
 def check_space(folder: str | Path, trainable: int) -> int:
     """Fail now, not at the end of the first epoch, when the disk cannot take a checkpoint; room
     for two because the new file is written beside the old one before it replaces it."""
     need = 2 * BYTES_PER_TRAINABLE * trainable + MARGIN
-    existing = Path(folder).absolute()
-    while not existing.exists():
-        existing = existing.parent
+    existing = existing_ancestor(folder)
     if not existing.is_dir():
         raise ConfigError(f"--checkpoint-dir {folder!r} is not a folder ({existing} is a file); pick a folder "
                           f"or pass --checkpoint-dir '' to run without checkpoints")

@@ -108,17 +108,24 @@ def worst_errors(ev: Evaluation, texts: list[str], names: list[str], k: int = 50
 
 # --- calibration -----------------------------------------------------------------------------------
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE with equal-width confidence bins: the gap between how sure the model is and
-    how often it is right, weighted by how many predictions fall in each bin."""
+# Top-label calibration for any number of classes; sklearn's calibration_curve and brier_score_loss
+# take the probability of one positive class only.
+
+def confidence_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15):
+    """Per non-empty equal-width confidence bin: mean confidence, accuracy and count."""
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    total = 0.0
-    for b in np.unique(bins):
-        members = bins == b
-        total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(total)
+    present = np.unique(bins)
+    return ([float(confidence[bins == b].mean()) for b in present], [float(correct[bins == b].mean()) for b in present],
+            [int((bins == b).sum()) for b in present])
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE: the gap between how sure the model is and how often it is right, weighted by
+    how many predictions fall in each bin."""
+    conf, acc, counts = confidence_bins(probs, labels, n_bins)
+    return float(sum(n * abs(a - c) for c, a, n in zip(conf, acc, counts, strict=True)) / len(labels))
 
 
 def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -159,16 +166,7 @@ def reliability_figure(ev: Evaluation, title: str, n_bins: int = 15):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    confidence = ev.probs.max(axis=1)
-    correct = ev.preds == ev.labels
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    centers, accuracy, counts = [], [], []
-    for b in range(n_bins):
-        members = bins == b
-        if members.any():
-            centers.append(confidence[members].mean())
-            accuracy.append(correct[members].mean())
-            counts.append(int(members.sum()))
+    centers, accuracy, counts = confidence_bins(ev.probs, ev.labels, n_bins)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
     ax.plot(centers, accuracy, "o-", label="model")
@@ -204,19 +202,10 @@ def per_class(ev: Evaluation, names: list[str]) -> dict[str, float]:
 
 def length_slices(lengths: np.ndarray, max_length: int) -> list[str]:
     """Token-length buckets at quarters of `max_length`; inputs cut at `max_length` form their own."""
-    edges = [max_length // 4, max_length // 2, 3 * max_length // 4, max_length - 1]
-    names, lo = [], 1
-    for hi in edges:
-        names.append((lo, hi))
-        lo = hi + 1
-    out = []
-    for n in lengths:
-        if n >= max_length:
-            out.append(f"{max_length} (truncated)")
-            continue
-        lo, hi = next((lo, hi) for lo, hi in names if n <= hi)
-        out.append(f"{lo}-{hi}")
-    return out
+    highs = [max_length // 4, max_length // 2, 3 * max_length // 4, max_length - 1]
+    names = [f"{lo}-{hi}" for lo, hi in zip([1] + [h + 1 for h in highs[:-1]], highs, strict=True)]
+    bucket = np.searchsorted(highs, lengths)  # the first bucket whose upper end is >= the length
+    return [f"{max_length} (truncated)" if n >= max_length else names[b] for n, b in zip(lengths, bucket, strict=True)]
 
 
 def slice_table(ev: Evaluation, slices: list[str], names: list[str]) -> dict[str, list]:

@@ -126,7 +126,7 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
         counts = count_params(model)
         device = pick_device()
         dtype = resolve_precision(cfg.train.precision, device)
-        tracking.log_setup(cfg, splits, {
+        contract = tracking.log_setup(cfg, splits, {
             "trainable_params": counts.trainable, "total_params": counts.total,
             "trainable_pct": round(counts.pct, 4), "device": device.type, "compute_dtype": str(dtype).split(".")[-1],
             "world_size": dist.world, "global_batch_size": cfg.train.batch_size * dist.world,
@@ -154,10 +154,8 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
             test = tracking.log_evaluation("test", test_ev, splits.labels, splits.test["text"].tolist(),
                                            lengths=encoded["test"].lengths, max_length=cfg.data.max_length,
                                            temperature=temperature)
-        if cfg.model.strategy == "lora":
-            tracking.log_adapter(model, tokenizer)
-        elif keep_weights:
-            tracking.log_weights(model, tokenizer)
+        if cfg.model.strategy == "lora" or keep_weights:
+            tracking.log_trained(model, tokenizer, "adapter" if cfg.model.strategy == "lora" else "weights")
         if cfg.tracking.registered_model_name:
             from .registry import register_gated
 
@@ -167,7 +165,7 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
             register_gated(servable(model).cpu(), tokenizer, cfg.data.max_length, temperature,
                            cfg.tracking.registered_model_name, splits.labels, gate_ev.preds, gate_ev.labels,
                            frame["text"].tolist(), cfg.tracking.promotion_alpha, gate_split,
-                           contract=tracking.data_contract(splits, cfg.data.split_seed, tokenizer))
+                           contract=contract)
         if saver is not None:
             saver.remove()  # finished: the model and its metrics are in MLflow now
         return Outcome(run_id, val, test, counts.trainable, counts.total, result.best_epoch, result.train_seconds)

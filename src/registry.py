@@ -103,10 +103,14 @@ def check_label_map(name: str, labels: list[str]) -> None:
         return  # no store yet, so no champion (and opening it would create it)
     champion = current_champion(mlflow.MlflowClient(), name)
     if champion is not None:
-        theirs = champion_labels(name, champion)
-        if theirs != labels:
-            raise ConfigError(f"the champion of {name!r} (version {champion.version}) has labels {theirs}, this "
-                              f"data {labels}; register under another --registered-model-name")
+        _same_labels(name, champion, labels)
+
+
+def _same_labels(name: str, champion, labels: list[str]) -> None:
+    theirs = champion_labels(name, champion)
+    if theirs != labels:
+        raise ConfigError(f"the champion of {name!r} (version {champion.version}) has labels {theirs}, this "
+                          f"model {labels}; register under another --registered-model-name")
 
 
 def gather_evidence(client, name: str, labels: list[str], candidate_preds: np.ndarray, true_labels: np.ndarray,
@@ -122,10 +126,7 @@ def gather_evidence(client, name: str, labels: list[str], candidate_preds: np.nd
                               champion_accuracy=None, difference=None, ci_low=None, ci_high=None, level=1 - alpha,
                               only_candidate_right=None, only_champion_right=None, p_value=None, significant=True,
                               note="first champion of this model")
-    theirs = champion_labels(name, champion)
-    if theirs != labels:
-        raise ConfigError(f"the champion of {name!r} (version {champion.version}) has labels {theirs}, this model "
-                          f"{labels}; register it under another --registered-model-name")
+    _same_labels(name, champion, labels)
     import mlflow
     import pandas as pd
 

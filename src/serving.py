@@ -32,9 +32,10 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         from .loop import pick_device
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer_hash and data.tokenizer_hash(self.tokenizer) != tokenizer_hash:
+        found = data.tokenizer_hash(self.tokenizer) if tokenizer_hash else ""
+        if found != tokenizer_hash:
             raise ValueError(f"the tokenizer in {path} is not the one this model was trained with (hash "
-                             f"{data.tokenizer_hash(self.tokenizer)}, recorded {tokenizer_hash}); re-log the model")
+                             f"{found}, recorded {tokenizer_hash}); re-log the model")
         self.device = pick_device()
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
         self.model = model.to(self.device).eval()

@@ -85,12 +85,10 @@ def local_path(uri: str) -> Path | None:
 
 
 def _check_writable(path: Path, what: str) -> None:
+    from .checkpoint import existing_ancestor
     from .config import ConfigError
 
-    existing = path.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK):
+    if not os.access(existing_ancestor(path), os.W_OK):
         raise ConfigError(f"{what} ({path}) is not writable by this user; fix its permissions or point "
                           f"MLFLOW_TRACKING_URI elsewhere")
 
@@ -205,9 +203,11 @@ def _close(active: mlflow.ActiveRun | None, status: str) -> None:
         mlflow.end_run(status)
 
 
-def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = False, tokenizer=None) -> None:
+def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = False,
+              tokenizer=None) -> dict[str, str]:
     """Params once each: settings already logged by `mlflow run -P` are skipped, not re-logged,
-    because MLflow refuses a second value for a key ("5e-4" vs 0.0005 would clash)."""
+    because MLflow refuses a second value for a key ("5e-4" vs 0.0005 would clash). Returns the
+    data-contract tags it set."""
     client = mlflow.MlflowClient()
     run_id = mlflow.active_run().info.run_id
     existing = client.get_run(run_id).data.params
@@ -221,7 +221,8 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
         mlflow.log_params(fresh)
     dataset = Path(cfg.data.train_data).name if cfg.data.train_data else cfg.data.dataset
     mlflow.set_tags({"strategy": cfg.model.strategy, "model": cfg.model.model, "dataset": dataset})
-    mlflow.set_tags(data_contract(splits, cfg.data.split_seed, tokenizer))
+    contract = data_contract(splits, cfg.data.split_seed, tokenizer)
+    mlflow.set_tags(contract)
     mlflow.log_dict({**cfg.flat(), "learning_rate": cfg.learning_rate}, "config/resolved_config.yaml")
     mlflow.log_dict({"id2label": dict(enumerate(splits.labels))}, "config/label_map.json")
     def source_of(where: str):
@@ -233,7 +234,7 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
         return HuggingFaceDatasetSource(path=name, split=split)
 
     if resumed:
-        return  # inputs were logged when the run started
+        return contract  # inputs were logged when the run started
     for context, df, where in (("train", splits.train, splits.train_source),
                                ("validation", splits.val, splits.train_source),
                                ("test", splits.test, splits.test_source)):
@@ -241,6 +242,7 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
             warnings.simplefilter("ignore", UserWarning)  # schema hints about int columns: labels are never missing
             ds = mlflow.data.from_pandas(df, source=source_of(where), name=f"{dataset}-{context}", targets="label")
             mlflow.log_input(ds, context=context)
+    return contract
 
 
 def data_contract(splits, split_seed: int, tokenizer=None) -> dict[str, str]:
@@ -271,13 +273,13 @@ def log_evaluation(split: str, ev, names: list[str], texts: list[str] | None = N
 
     from . import evaluate
 
-    raw = evaluate.metrics(ev, len(names))
+    values = evaluate.metrics(ev, len(names))
+    extra = {}
     if temperature != 1.0:
+        extra = {"ece_uncalibrated": values["ece"], "brier_uncalibrated": values["brier"]}
         ev = evaluate.calibrated(ev, temperature)
-    values = evaluate.metrics(ev, len(names)) if temperature != 1.0 else raw
-    logged = {**values, **evaluate.per_class(ev, names)}
-    if temperature != 1.0:
-        logged.update({"ece_uncalibrated": raw["ece"], "brier_uncalibrated": raw["brier"]})
+        values = evaluate.metrics(ev, len(names))
+    logged = {**values, **evaluate.per_class(ev, names), **extra}
     mlflow.log_metrics({f"{split}/{prefix}{k}": v for k, v in logged.items() if math.isfinite(v)})
     cm = evaluate.confusion(ev, len(names))
     mlflow.log_dict({"labels": names, "matrix": cm.tolist()}, f"{split}/confusion_matrix.json")
@@ -299,22 +301,15 @@ def log_evaluation(split: str, ev, names: list[str], texts: list[str] | None = N
     return values
 
 
-def log_adapter(model, tokenizer) -> None:
-    """LoRA weights + adapter config + trained head + tokenizer: a few MB, reloadable with
-    `PeftModel.from_pretrained(base, <dir>)`."""
+def log_trained(model, tokenizer, artifact_path: str) -> None:
+    """The trained weights and the tokenizer, as `save_pretrained` writes them. For LoRA (`adapter/`)
+    the adapter, its config and the trained head: a few MB, reloadable with
+    `PeftModel.from_pretrained(base, <dir>)`; for full fine-tuning (`weights/`) the whole model, which
+    a tuning study needs to register a full winner without training it again."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        mlflow.log_artifacts(tmp, "adapter")
-
-
-def log_weights(model, tokenizer) -> None:
-    """A fully fine-tuned model's weights (safetensors) and tokenizer under `weights/`: what a tuning
-    study needs to register a full fine-tuning winner without training it again."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        mlflow.log_artifacts(tmp, "weights")
+        mlflow.log_artifacts(tmp, artifact_path)
 
 
 def log_servable(model, tokenizer, max_length: int, registered_model_name: str = "", temperature: float = 1.0):

@@ -150,15 +150,14 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
     if multi and tc.pruner != "none":
         click.echo("multi-objective search: trials are not pruned (Optuna prunes single-objective studies only)",
                    err=True)
+    wanted = [direction, "minimize"] if multi else [direction]  # the cost objective is always minimised
     try:
-        # TPE handles several objectives itself (MOTPE); the cost objective is always minimised.
-        study = optuna.create_study(study_name=tc.study_name, storage=storage,
-                                    directions=[direction, "minimize"] if multi else [direction],
+        # TPE handles several objectives itself (MOTPE).
+        study = optuna.create_study(study_name=tc.study_name, storage=storage, directions=wanted,
                                     sampler=optuna.samplers.TPESampler(seed=tc.sampler_seed),
                                     pruner=make_pruner("none" if multi else tc.pruner), load_if_exists=True)
     except ValueError as exc:
         raise ConfigError(f"study {tc.study_name!r}: {exc}") from exc
-    wanted = [direction, "minimize"] if multi else [direction]
     stored = [d.name.lower() for d in study.directions]
     if stored != wanted:
         # load_if_exists keeps the stored directions: every new trial would end FAIL after training.
