@@ -6,11 +6,16 @@
         --max-train-samples 1000 --max-val-samples 300 --max-test-samples 1000 --max-length 256 --epochs 2
     # GPU: the whole set (22,500 train / 2,500 validation / 25,000 test)
     python benchmarks/accuracy.py --data DIR --model DIR --epochs 3
+    # Does a speed default cost accuracy? Each setting again with the old value, paired on test, two seeds
+    python benchmarks/accuracy.py ... --settings full,lora --variants attention_dropout=0.1 --seeds 42,7
 
 Every setting runs through the project's own path (`src.loop.fit`, tracking off) on the same split:
 validation carved from train (stratified, seed 42) picks the epoch, test is scored once. With
 `--seed-recipe`, full fine-tuning also runs through the seed's recipe (transformers Trainer, fp32,
 padding to 512, batch 16, epoch picked on validation), so fast and faithful can be compared.
+A row with a reference (a variant's own setting, the seed recipe's project `full`) shows the test
+accuracy difference on the same reviews with its paired bootstrap interval and McNemar p: the
+test-sample noise; `--seeds` adds the training-seed noise.
 """
 
 from __future__ import annotations
@@ -32,23 +37,26 @@ SETTINGS = {
 }
 
 
-def run_setting(name: str, base: dict, prepared, labels) -> dict:
+def run_setting(name: str, base: dict, prepared, labels, overrides: dict | None = None) -> dict:
     from src.config import RunConfig
     from src.evaluate import metrics
     from src.loop import fit, pick_device, predict, resolve_precision, seed_everything
     from src.modeling import build_model, count_params
 
-    cfg = RunConfig.from_flat({**base, **SETTINGS[name]})
+    cfg = RunConfig.from_flat({**base, **SETTINGS[name], **(overrides or {})})
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model.model, cfg.model.strategy, labels, cfg.lora)
+    model = build_model(cfg.model.model, cfg.model.strategy, labels, cfg.lora, cfg.model.attention_dropout)
     counts = count_params(model)
     t0 = time.perf_counter()
     result = fit(model, prepared["train"], prepared["val"], cfg.train, cfg.learning_rate, len(labels),
                  prepared["pad_id"])
     device = pick_device()
-    test = metrics(predict(model, prepared["test"], cfg.train.eval_batch_size, prepared["pad_id"], device,
-                           resolve_precision(cfg.train.precision, device)), len(labels))
-    return {"setting": name, "lr": cfg.learning_rate, "trainable": counts.trainable,
+    ev = predict(model, prepared["test"], cfg.train.eval_batch_size, prepared["pad_id"], device,
+                 resolve_precision(cfg.train.precision, device))
+    test = metrics(ev, len(labels))
+    shown = ", ".join(f"{k}={v}" for k, v in (overrides or {}).items())
+    return {"setting": f"{name}, {shown}" if shown else name, "lr": cfg.learning_rate, "trainable": counts.trainable,
+            "correct": ev.probs.argmax(-1) == ev.labels, "seed": cfg.train.seed,
             "val_acc": result.best_val_metrics["accuracy"], "test_acc": test["accuracy"], "test_f1": test["f1"],
             "best_epoch": result.best_epoch, "train_samples_per_s": result.samples_seen / result.train_seconds,
             "seconds": time.perf_counter() - t0}
@@ -84,7 +92,8 @@ def run_seed_recipe(base: dict, splits, labels) -> dict:
     def score(trainer, ds):
         out = trainer.predict(ds)
         probs = torch.softmax(torch.tensor(out.predictions).float(), -1).numpy()
-        return metrics(Evaluation(np.array(ds.labels), probs, float(out.metrics["test_loss"])), len(labels))
+        ev = Evaluation(np.array(ds.labels), probs, float(out.metrics["test_loss"]))
+        return metrics(ev, len(labels)), probs.argmax(-1) == ev.labels
 
     seed_everything(base["seed"])
     model = build_model(base["model"], "full", labels, None)
@@ -104,11 +113,12 @@ def run_seed_recipe(base: dict, splits, labels) -> dict:
         trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=accuracy)
         trainer.remove_callback(PrinterCallback)
         trainer.train()
-        val_m, test_m = score(trainer, val), score(trainer, test)
+        val_m, (test_m, correct) = score(trainer, val)[0], score(trainer, test)
         best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
         epoch = round(best_step / (trainer.state.max_steps / base["epochs"]))
     return {"setting": "full, seed recipe (Trainer fp32 pad-512 bs16 lr 2e-5)", "lr": 2e-5,
             "trainable": sum(p.numel() for p in model.parameters()), "val_acc": val_m["accuracy"],
+            "correct": correct, "seed": base["seed"],
             "test_acc": test_m["accuracy"], "test_f1": test_m["f1"], "best_epoch": epoch,
             "train_samples_per_s": float("nan"), "seconds": time.perf_counter() - t0}
 
@@ -126,11 +136,15 @@ def main() -> None:
     p.add_argument("--max-val-samples", type=int, default=0)
     p.add_argument("--max-test-samples", type=int, default=0)
     p.add_argument("--test-file", default="test.parquet")
+    p.add_argument("--variants", default="", help="settings to run again with these overrides, compared paired "
+                   "on test against the same setting without them, e.g. 'attention_dropout=0.1;batch_size=16'")
+    p.add_argument("--seeds", default="42", help="training seeds, comma-separated: their spread is the seed noise")
     a = p.parse_args()
     unknown = set(a.settings.split(",")) - set(SETTINGS)
     if unknown:
         sys.exit(f"error: unknown setting(s) {sorted(unknown)}; choose from {', '.join(SETTINGS)}")
 
+    import numpy as np
     import torch
     import transformers
 
@@ -143,6 +157,8 @@ def main() -> None:
             "max_train_samples": a.max_train_samples, "max_val_samples": a.max_val_samples,
             "max_test_samples": a.max_test_samples, "max_length": a.max_length, "epochs": a.epochs,
             "batch_size": a.batch_size, "seed": 42, "eval_batch_size": 256}
+    variants = [parse_variant(v) for v in a.variants.split(";") if v.strip()]
+    seeds = [int(s) for s in a.seeds.split(",")]
     data_keys = {"train_data", "test_data", "max_train_samples", "max_val_samples", "max_test_samples", "max_length"}
     splits = load_splits(DataConfig(**{k: v for k, v in base.items() if k in data_keys}))
     tok = load_tokenizer(a.model)
@@ -154,17 +170,58 @@ def main() -> None:
           f"validation / {len(splits.test)} test; max_length {a.max_length}, batch {a.batch_size}, "
           f"{a.epochs} epochs; model {Path(a.model).name}")
     print(f"# command: python {' '.join(sys.argv)}")
-    print("\n| setting | lr | trainable params | best epoch | val acc | test acc | test F1 | train samples/s | "
-          "seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    runs = [lambda name=name: run_setting(name, base, prepared, splits.labels) for name in a.settings.split(",")]
-    if a.seed_recipe:
-        runs.append(lambda: run_seed_recipe(base, splits, splits.labels))
-    for run in runs:
-        r = run()
-        print(f"| {r['setting']} | {r['lr']:g} | {r['trainable']:,} | {r['best_epoch']} | {r['val_acc']:.4f} | "
-              f"{r['test_acc']:.4f} | {r['test_f1']:.4f} | {r['train_samples_per_s']:,.0f} | {r['seconds']:.0f} |",
-              flush=True)
+    print("\n| setting | seed | lr | trainable params | best epoch | val acc | test acc | test F1 | train samples/s "
+          "| seconds | test acc vs reference, paired: difference [95% CI], McNemar p |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows: list[dict] = []
+    for seed in seeds:
+        seeded = {**base, "seed": seed}
+        for name in a.settings.split(","):
+            reference = show(run_setting(name, seeded, prepared, splits.labels), None, rows)
+            for overrides in variants:
+                show(run_setting(name, seeded, prepared, splits.labels, overrides), reference, rows)
+        if a.seed_recipe:
+            full = next((r for r in rows if r["setting"] == "full" and r["seed"] == seed), None)
+            show(run_seed_recipe(seeded, splits, splits.labels), full, rows)
+    if len(seeds) > 1:
+        print("\nSeed noise (test accuracy over seeds " + a.seeds + "):")
+        for setting in dict.fromkeys(r["setting"] for r in rows):
+            accs = np.array([r["test_acc"] for r in rows if r["setting"] == setting])
+            print(f"- {setting}: mean {accs.mean():.4f}, sd {accs.std(ddof=1):.4f}, "
+                  f"range {accs.min():.4f}-{accs.max():.4f}")
+
+
+def parse_variant(text: str) -> dict:
+    from dataclasses import fields
+
+    from src.config import GROUPS
+
+    types = {f.name: f.metadata.get("type") or f.type for g in GROUPS for f in fields(g)}
+    out = {}
+    for pair in text.split(","):
+        key, _, value = pair.partition("=")
+        key = key.strip()
+        if key not in types:
+            sys.exit(f"error: unknown setting {key!r} in --variants")
+        kind = types[key]
+        out[key] = {"int": int, "float": float}.get(kind, float if kind is float else str)(value)
+    return out
+
+
+def show(r: dict, reference: dict | None, rows: list[dict]) -> dict:
+    """Print one row; against a reference, the paired difference on the same test reviews."""
+    from src.registry import paired_evidence
+
+    versus = ""
+    if reference is not None:
+        e = paired_evidence(r["correct"], reference["correct"], alpha=0.05, split="test")
+        versus = (f"vs {reference['setting']}: {e.difference:+.4f} [{e.ci_low:+.4f}, {e.ci_high:+.4f}], "
+                  f"p {e.p_value:.2f}")
+    print(f"| {r['setting']} | {r['seed']} | {r['lr']:g} | {r['trainable']:,} | {r['best_epoch']} | {r['val_acc']:.4f} "
+          f"| {r['test_acc']:.4f} | {r['test_f1']:.4f} | {r['train_samples_per_s']:,.0f} | {r['seconds']:.0f} "
+          f"| {versus} |", flush=True)
+    rows.append(r)
+    return r
 
 
 if __name__ == "__main__":

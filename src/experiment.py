@@ -37,7 +37,14 @@ _PREPARED: dict[tuple, Prepared] = {}
 def preflight(cfg: RunConfig):
     """Cheap checks and loads, in order of cost; returns (splits, tokenizer)."""
     from .data import load_splits
-    from .modeling import check_targets, length_limit, load_config, load_tokenizer, planned_params
+    from .modeling import (
+        attention_dropout_override,
+        check_targets,
+        length_limit,
+        load_config,
+        load_tokenizer,
+        planned_params,
+    )
     from .tracking import check_experiment, check_reachable
 
     splits = load_splits(cfg.data)
@@ -55,6 +62,7 @@ def preflight(cfg: RunConfig):
     if cfg.data.max_length > limit:
         raise ConfigError(f"--max-length {cfg.data.max_length} exceeds what {cfg.model.model!r} takes ({limit} "
                           f"tokens); pass --max-length {limit} or less")
+    attention_dropout_override(config, cfg.model.attention_dropout)
     if cfg.model.strategy == "lora":
         check_targets(config, cfg.lora)
     if tokenizer.pad_token_id is None:
@@ -122,7 +130,8 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
         saver = checkpoint.Checkpointer(cfg.train.checkpoint_dir, run_id, cfg.flat()) \
             if cfg.train.checkpoint_dir else None
         seed_everything(cfg.train.seed)
-        model = build_model(cfg.model.model, cfg.model.strategy, splits.labels, cfg.lora)
+        model = build_model(cfg.model.model, cfg.model.strategy, splits.labels, cfg.lora,
+                            cfg.model.attention_dropout)
         counts = count_params(model)
         device = pick_device()
         dtype = resolve_precision(cfg.train.precision, device)
@@ -177,7 +186,8 @@ def _train_quietly(cfg: RunConfig, prepared: Prepared, dist, evaluate_test: bool
     from .modeling import build_model
 
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model.model, cfg.model.strategy, prepared.splits.labels, cfg.lora)
+    model = build_model(cfg.model.model, cfg.model.strategy, prepared.splits.labels, cfg.lora,
+                        cfg.model.attention_dropout)
     pad_id = prepared.tokenizer.pad_token_id
     result = fit(model, prepared.encoded["train"], prepared.encoded["val"], cfg.train, cfg.learning_rate,
                  len(prepared.splits.labels), pad_id, dist=dist)

@@ -40,6 +40,9 @@ HEAD_MODULES = {
 }
 DEFAULT_HEAD = ["classifier", "score"]
 
+# What architectures call the dropout on attention probabilities in their config.
+ATTENTION_DROPOUT_NAMES = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")
+
 
 @dataclass
 class ParamCount:
@@ -137,11 +140,31 @@ def load_tokenizer(name: str):
         raise ConfigError(f"could not load a tokenizer from {name!r} ({str(exc).splitlines()[0]})") from exc
 
 
-def build_model(name: str, strategy: str, labels: list[str], lora: LoraConfig):
-    """Return the model to train; for LoRA a PeftModel whose head trains and saves with it."""
+def attention_dropout_override(config, attention_dropout: float | None) -> dict:
+    """The config override that sets attention dropout. Dropout on the attention probabilities
+    keeps PyTorch's scaled-dot-product attention off its fused kernels during training (on CPU
+    the flash kernel takes no dropout): the math fallback materialises every batch x head x L x L
+    probability and draws a random mask for each, the larger half of a DistilBERT step at 512
+    tokens."""
+    if attention_dropout is None:
+        return {}
+    found = next((n for n in ATTENTION_DROPOUT_NAMES if hasattr(config, n)), None)
+    if found is None:
+        if attention_dropout:
+            raise ConfigError(f"model type {config.model_type!r} has no attention-dropout setting (looked for "
+                              f"{', '.join(ATTENTION_DROPOUT_NAMES)}); pass --attention-dropout 0")
+        return {}
+    return {found: attention_dropout}
+
+
+def build_model(name: str, strategy: str, labels: list[str], lora: LoraConfig,
+                attention_dropout: float | None = None):
+    """Return the model to train; for LoRA a PeftModel whose head trains and saves with it.
+    `attention_dropout` None keeps the checkpoint's value."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    overrides = {} if attention_dropout is None else attention_dropout_override(load_config(name), attention_dropout)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             name,
@@ -155,6 +178,7 @@ def build_model(name: str, strategy: str, labels: list[str], lora: LoraConfig):
             trust_remote_code=False,
             # safetensors only: a pickled .bin checkpoint can run code when loaded.
             use_safetensors=True,
+            **overrides,
         )
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"could not load model {name!r} ({str(exc).splitlines()[0]})") from exc

@@ -30,6 +30,7 @@ CASES = {
     "test label unseen in train": (["--test-data", "{d}/unseen_label.parquet"], "never seen in train"),
     "unsupported file type": (["--train-data", "{d}/notes.txt"], "unsupported data file type"),
     "zero rank": (["--lora-r", "0"], "--lora-r must be a positive integer"),
+    "attention dropout of 1": (["--attention-dropout", "1"], "--attention-dropout must be in [0, 1)"),
     "negative alpha": (["--lora-alpha", "-4"], "--lora-alpha must be positive"),
     "zero learning rate": (["--learning-rate", "0"], "--learning-rate must be a positive number"),
     "negative learning rate": (["--learning_rate=-1e-4"], "--learning-rate must be a positive number"),

@@ -1,7 +1,7 @@
 import pytest
 
 from src.config import ConfigError, LoraConfig
-from src.modeling import build_model, count_params
+from src.modeling import attention_dropout_override, build_model, count_params
 
 
 def lora_params(r, fan_in, fan_out):
@@ -40,3 +40,31 @@ def test_all_linear_and_explicit_targets(distilbert_dir):
 def test_unknown_target_module_is_a_config_error(distilbert_dir):
     with pytest.raises(ConfigError, match="do not match"):
         build_model(str(distilbert_dir), "lora", ["0", "1"], LoraConfig(lora_target_modules="nope"))
+
+
+def _attention_dropout(model) -> float:
+    """The probability the attention modules apply, read from the modules (not the config)."""
+    values = {m.dropout.p for n, m in model.named_modules()
+              if n.endswith(("attention", "attention.self")) and hasattr(m, "dropout")}
+    values |= {m.dropout_prob for m in model.modules() if hasattr(m, "dropout_prob")}
+    assert len(values) == 1, values
+    return values.pop()
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "bert"])
+def test_attention_dropout_reaches_the_attention_modules(arch, distilbert_dir, bert_dir):
+    folder = str(distilbert_dir if arch == "distilbert" else bert_dir)
+    kept = build_model(folder, "full", ["0", "1"], LoraConfig())
+    assert _attention_dropout(kept) == 0.1  # what the checkpoint says, as DistilBERT and BERT ship
+    for value in (0.0, 0.25):
+        for strategy in ("full", "lora"):
+            assert _attention_dropout(build_model(folder, strategy, ["0", "1"], LoraConfig(), value)) == value
+
+
+def test_attention_dropout_on_a_model_without_it():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(model_type="plain")
+    assert attention_dropout_override(config, 0.0) == {}  # nothing to switch off
+    with pytest.raises(ConfigError, match="no attention-dropout setting"):
+        attention_dropout_override(config, 0.1)

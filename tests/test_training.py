@@ -59,3 +59,30 @@ def test_early_stopping_and_best_epoch(distilbert_dir, data_files):
     assert result.stopped_early and len(result.history) < 5
     best = min(result.history, key=lambda h: h["loss"])
     assert result.best_epoch == best["epoch"]
+
+
+def _attention_ops(model_dir, attention_dropout) -> set[str]:
+    """The attention kernels one training step of the default setup dispatches to."""
+    import torch
+    from torch.profiler import profile
+
+    from src.config import ModelConfig
+
+    value = ModelConfig().attention_dropout if attention_dropout == "default" else attention_dropout
+    model = build_model(str(model_dir), "lora", ["0", "1"], LoraConfig(), value).train()
+    ids = torch.randint(5, 100, (4, 24))
+    mask = torch.ones_like(ids)
+    mask[0, 12:] = 0  # padded, as every length-grouped batch is
+    with profile() as prof:
+        model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+
+
+def test_default_training_step_uses_fused_attention(distilbert_dir, bert_dir):
+    """With attention dropout the math fallback materialises and masks every attention matrix:
+    the larger half of a CPU step (benchmarks/README.md). The default must keep the fused kernel."""
+    for model_dir in (distilbert_dir, bert_dir):
+        fused = _attention_ops(model_dir, "default")
+        assert any("flash_attention" in op for op in fused), fused
+        assert not any("math" in op for op in fused), fused
+        assert any("math" in op for op in _attention_ops(model_dir, 0.1))  # the check can fail

@@ -76,8 +76,9 @@ def test_winner_is_registered_as_champion_and_predicts_offline(tracking, first_s
     assert (out["label"].astype(int) == test["label"]).mean() == pytest.approx(result["test"]["accuracy"])
 
 
-def test_worse_study_leaves_champion_and_becomes_challenger(tracking, first_study, distilbert_dir, data_files,
-                                                           tmp_path):
+def test_study_no_better_than_champion_becomes_challenger(tracking, first_study, distilbert_dir, data_files,
+                                                         tmp_path):
+    """A learning rate of 1e-7 leaves the pretrained tiny model as it was: at best as good as the champion."""
     tc = TuneConfig(n_trials=1, study_name="worse", storage=f"sqlite:///{tmp_path}/o.db", pruner="none",
                     learning_rate_range="1e-7,1e-7", lora_r_choices="2", target_module_choices="auto",
                     evaluate_test=False)
@@ -87,7 +88,7 @@ def test_worse_study_leaves_champion_and_becomes_challenger(tracking, first_stud
     assert tracking.get_model_version_by_alias("tuned-tiny", "challenger").version == "2"
     decision = result["decision"]  # judged on validation (evaluate_test off), champion and candidate alike
     assert decision["split"] == "val" and not decision["significant"]
-    assert decision["champion_accuracy"] > decision["candidate_accuracy"]
+    assert decision["champion_accuracy"] >= decision["candidate_accuracy"]
     version = tracking.get_model_version("tuned-tiny", "2")
     assert version.tags["decision"] == "challenger" and "evidence.p_value" in version.tags
 
