@@ -116,7 +116,7 @@ def run_seed_recipe(base: dict, splits, labels) -> dict:
         val_m, (test_m, correct) = score(trainer, val)[0], score(trainer, test)
         best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
         epoch = round(best_step / (trainer.state.max_steps / base["epochs"]))
-    return {"setting": "full, seed recipe (Trainer fp32 pad-512 bs16 lr 2e-5)", "lr": 2e-5,
+    return {"setting": f"full, seed recipe (Trainer fp32 pad-{base['max_length']} bs16 lr 2e-5)", "lr": 2e-5,
             "trainable": sum(p.numel() for p in model.parameters()), "val_acc": val_m["accuracy"],
             "correct": correct, "seed": base["seed"],
             "test_acc": test_m["accuracy"], "test_f1": test_m["f1"], "best_epoch": epoch,
