@@ -203,8 +203,8 @@ def parse_variant(text: str) -> dict:
         key = key.strip()
         if key not in types:
             sys.exit(f"error: unknown setting {key!r} in --variants")
-        kind = types[key]
-        out[key] = {"int": int, "float": float}.get(kind, float if kind is float else str)(value)
+        kind = {"int": int, "float": float, "str": str}.get(types[key], types[key])
+        out[key] = value.strip().lower() in ("1", "true", "yes") if kind is bool else kind(value.strip())
     return out
 
 
