@@ -143,6 +143,12 @@ def main() -> None:
     unknown = set(a.settings.split(",")) - set(SETTINGS)
     if unknown:
         sys.exit(f"error: unknown setting(s) {sorted(unknown)}; choose from {', '.join(SETTINGS)}")
+    from src.config import ConfigError, parse_settings
+
+    try:
+        variants = [parse_settings(v) for v in a.variants.split(";") if v.strip()]
+    except ConfigError as exc:
+        sys.exit(f"error: --variants: {exc}")
 
     import numpy as np
     import torch
@@ -157,7 +163,6 @@ def main() -> None:
             "max_train_samples": a.max_train_samples, "max_val_samples": a.max_val_samples,
             "max_test_samples": a.max_test_samples, "max_length": a.max_length, "epochs": a.epochs,
             "batch_size": a.batch_size, "seed": 42, "eval_batch_size": 256}
-    variants = [parse_variant(v) for v in a.variants.split(";") if v.strip()]
     seeds = [int(s) for s in a.seeds.split(",")]
     data_keys = {"train_data", "test_data", "max_train_samples", "max_val_samples", "max_test_samples", "max_length"}
     splits = load_splits(DataConfig(**{k: v for k, v in base.items() if k in data_keys}))
@@ -189,23 +194,6 @@ def main() -> None:
             accs = np.array([r["test_acc"] for r in rows if r["setting"] == setting])
             print(f"- {setting}: mean {accs.mean():.4f}, sd {accs.std(ddof=1):.4f}, "
                   f"range {accs.min():.4f}-{accs.max():.4f}")
-
-
-def parse_variant(text: str) -> dict:
-    from dataclasses import fields
-
-    from src.config import GROUPS
-
-    types = {f.name: f.metadata.get("type") or f.type for g in GROUPS for f in fields(g)}
-    out = {}
-    for pair in text.split(","):
-        key, _, value = pair.partition("=")
-        key = key.strip()
-        if key not in types:
-            sys.exit(f"error: unknown setting {key!r} in --variants")
-        kind = {"int": int, "float": float, "str": str}.get(types[key], types[key])
-        out[key] = value.strip().lower() in ("1", "true", "yes") if kind is bool else kind(value.strip())
-    return out
 
 
 def show(r: dict, reference: dict | None, rows: list[dict]) -> dict:

@@ -59,8 +59,7 @@ def fresh_model(strategy: str, seed: int, attention_dropout: float | None = None
 
     torch.manual_seed(seed)
     config = DistilBertConfig(num_labels=2)
-    for name, value in attention_dropout_override(config, attention_dropout).items():
-        setattr(config, name, value)
+    config.update(attention_dropout_override(config, attention_dropout))
     model = DistilBertForSequenceClassification(config)
     return wrap_lora(model, LoraConfig(lora_r=8, lora_alpha=32)) if strategy == "lora" else model
 
@@ -195,6 +194,18 @@ def main() -> None:
     for path in (a.data / "train.parquet", a.vocab):
         if not path.exists():
             sys.exit(f"error: {path} not found")
+    from dataclasses import fields
+
+    from src.config import ConfigError, TrainConfig, parse_settings
+
+    try:
+        variants = {v.strip(): parse_settings(v) for v in a.variants.split(";") if v.strip()}
+    except ConfigError as exc:
+        sys.exit(f"error: --variants: {exc}")
+    allowed = {f.name for f in fields(TrainConfig)} | {"attention_dropout"}
+    for variant, overrides in variants.items():
+        if set(overrides) - allowed:
+            sys.exit(f"error: --variants {variant!r}: only training settings and attention_dropout vary here")
 
     import torch
     import transformers
@@ -235,8 +246,7 @@ def main() -> None:
         print(describe(f"{strategy}: project defaults", proj_r), flush=True)
         results[strategy] = {"seed": seed_r, "project": proj_r,
                              "ratio": (proj_r["samples"] / proj_r["seconds"]) / (seed_r["samples"] / seed_r["seconds"])}
-        for variant in filter(None, a.variants.split(";")):
-            overrides = {k: type_of(k)(v) for k, v in (kv.split("=") for kv in variant.split(","))}
+        for variant, overrides in variants.items():
             r = run_project(strategy, train, val, pad_id, a.seed, device, **overrides)
             print(describe(f"{strategy}: project, {variant}", r), flush=True)
             results[strategy][variant] = r
@@ -251,15 +261,6 @@ def main() -> None:
               f"batch {a.eval_batch_size}, sorted by length)")
     if a.json:
         a.json.write_text(json.dumps({"hardware": hardware, "argv": sys.argv, "results": results}, indent=2))
-
-
-def type_of(name: str):
-    from dataclasses import fields
-
-    from src.config import ModelConfig, TrainConfig
-
-    f = next(f for f in fields(TrainConfig) + fields(ModelConfig) if f.name == name)
-    return {"int": int, "float": float, "str": str}.get(f.type, float)
 
 
 if __name__ == "__main__":

@@ -164,21 +164,22 @@ def build_model(name: str, strategy: str, labels: list[str], lora: LoraConfig,
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    overrides = {} if attention_dropout is None else attention_dropout_override(load_config(name), attention_dropout)
+    config = load_config(name)  # read once, adjusted, then handed to the model
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {n: i for i, n in enumerate(labels)}
+    config.update(attention_dropout_override(config, attention_dropout))
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             name,
+            config=config,
             # transformers 5 loads a checkpoint in its stored dtype; a bf16/fp16 checkpoint would then
             # train in pure half precision, where small updates vanish. fp32 master weights, and
             # autocast for bf16/fp16 compute, are the mixed-precision recipe.
             dtype=torch.float32,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={n: i for i, n in enumerate(labels)},
             trust_remote_code=False,
             # safetensors only: a pickled .bin checkpoint can run code when loaded.
             use_safetensors=True,
-            **overrides,
         )
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"could not load model {name!r} ({str(exc).splitlines()[0]})") from exc
