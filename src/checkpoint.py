@@ -19,7 +19,7 @@ from .config import ConfigError
 FILE = "last.pt"
 # Settings that may differ between the interrupted run and its resumption.
 MAY_CHANGE = {"resume_run_id", "checkpoint_steps", "eval_batch_size", "logging_steps", "temperature_scaling",
-              "registered_model_name", "promotion_alpha"}
+              "registered_model_name", "promotion_alpha", "max_batch_size"}
 
 
 class Checkpointer:

@@ -25,6 +25,9 @@ EMPTY_TEXTS = ("fail", "drop")
 DEFAULT_LEARNING_RATE = {"full": 5e-5, "lora": 5e-4}
 
 
+DEFAULT_PROMOTION_ALPHA = 0.05  # a registered model's promotion level until its owner sets one
+
+
 class ConfigError(ValueError):
     """A setting is wrong; the message is one line saying what and how to fix it."""
 
@@ -191,9 +194,13 @@ class TrackingConfig:
     registered_model_name: str = _opt("", "If set, log a servable model and register it under this name.")
     resume_run_id: str = _opt("", "Continue this interrupted run (same MLflow run) from its checkpoint in "
                               "--checkpoint-dir, with the same settings.")
-    promotion_alpha: float = _opt(0.05, "Significance level of the promotion gate: a registered model becomes "
-                                  "champion only if it beats the current one on the same held-out examples "
-                                  "(McNemar p < alpha and a bootstrap interval of the gain above 0).")
+    promotion_alpha: float = _opt(DEFAULT_PROMOTION_ALPHA, "Significance level of the promotion gate: a "
+                                  "registered model becomes champion only if it beats the current one on the "
+                                  "same held-out examples (McNemar p < alpha and a bootstrap interval of the gain "
+                                  "above 0). The registered model's policy (`python -m src.registry policy`) is "
+                                  "the loosest level allowed: only a stricter value here has an effect.")
+    max_batch_size: int = _opt(1024, "Most texts the registered model scores in one request; a larger batch is "
+                               "refused with HTTP 400 (0 = no limit).")
 
     def __post_init__(self) -> None:
         name = self.registered_model_name
@@ -201,6 +208,8 @@ class TrackingConfig:
             raise ConfigError(f"--registered-model-name may hold letters, digits, '_', '-', '.', got {name!r}")
         if not 0.0 < self.promotion_alpha < 1.0:
             raise ConfigError(f"--promotion-alpha must be between 0 and 1 exclusive, got {self.promotion_alpha}")
+        if self.max_batch_size < 0:
+            raise ConfigError(f"--max-batch-size must be 0 (no limit) or more, got {self.max_batch_size}")
         if self.resume_run_id and not re.fullmatch(r"[0-9a-f]{32}", self.resume_run_id):
             raise ConfigError(f"--resume-run-id must be an MLflow run id (32 hex digits), got {self.resume_run_id!r}")
 

@@ -53,9 +53,9 @@ def preflight(cfg: RunConfig):
     check_reachable()
     check_experiment(cfg.tracking.experiment_name)
     if cfg.tracking.registered_model_name:
-        from .registry import check_label_map
+        from .registry import check_registration
 
-        check_label_map(cfg.tracking.registered_model_name, splits.labels)
+        check_registration(cfg.tracking.registered_model_name, splits.labels)
     tokenizer = load_tokenizer(cfg.model.model)
     config = load_config(cfg.model.model)
     limit = length_limit(config, tokenizer)
@@ -114,7 +114,7 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
 
     from . import checkpoint, tracking
     from .loop import fit, pick_device, predict, resolve_precision, seed_everything, throughput
-    from .modeling import build_model, count_params, servable
+    from .modeling import build_model, count_params
 
     resume_id = cfg.tracking.resume_run_id
     state = None
@@ -166,15 +166,11 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
         if cfg.model.strategy == "lora" or keep_weights:
             tracking.log_trained(model, tokenizer, "adapter" if cfg.model.strategy == "lora" else "weights")
         if cfg.tracking.registered_model_name:
-            from .registry import register_gated
+            from .registry import publish
 
             # The promotion gate compares with the champion on held-out examples: test when scored.
             gate_split, gate_ev = ("test", test_ev) if evaluate_test else ("val", result.best_val)
-            frame = splits.test if evaluate_test else splits.val
-            register_gated(servable(model).cpu(), tokenizer, cfg.data.max_length, temperature,
-                           cfg.tracking.registered_model_name, splits.labels, gate_ev.preds, gate_ev.labels,
-                           frame["text"].tolist(), cfg.tracking.promotion_alpha, gate_split,
-                           contract=contract)
+            publish(model, tokenizer, splits, gate_ev, gate_split, cfg, temperature, contract)
         if saver is not None:
             saver.remove()  # finished: the model and its metrics are in MLflow now
         return Outcome(run_id, val, test, counts.trainable, counts.total, result.best_epoch, result.train_seconds)

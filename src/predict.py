@@ -38,6 +38,8 @@ def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, tex
         fail(ConfigError("give texts as arguments or --input FILE (one of the two)"))
     if output_path is not None and output_path.suffix.lower() not in (".csv", ".jsonl", ".parquet"):
         fail(ConfigError(f"--output must end in .csv, .jsonl or .parquet, got {output_path.name!r}"))
+    if output_path is not None:
+        _check_output(output_path, input_path)
     frame = None
     if input_path is not None:
         from .data import read_file
@@ -57,14 +59,16 @@ def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, tex
     elif label_column:
         fail(ConfigError("--label-column needs --input FILE"))
 
-    import mlflow
+    from .serving import load
 
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except Exception as exc:  # noqa: BLE001 - any lookup failure becomes one line
+        classifier = load(model_uri)  # weights and JSON files only: nothing from the store is unpickled
+    except ConfigError as exc:
+        fail(exc)
+        return
+    except Exception as exc:  # noqa: BLE001 - any other lookup failure becomes one line
         fail(ConfigError(f"cannot load model {model_uri!r}: {str(exc).splitlines()[0]}"))
         return
-    classifier = model.unwrap_python_model()
     truth = None
     if label_column:
         truth = frame[label_column].astype(str).tolist()
@@ -91,6 +95,21 @@ def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, tex
     else:
         result.to_parquet(output_path)
     click.echo(f"wrote {len(result)} predictions to {output_path}", err=True)
+
+
+def _check_output(output_path: Path, input_path: Path | None) -> None:
+    """Before any model loads: the output can be written, and it is not the input."""
+    import os
+
+    from .config import ConfigError
+
+    if input_path is not None and output_path.resolve() == input_path.resolve():
+        fail(ConfigError(f"--output {output_path} is the input file; write the predictions elsewhere"))
+    if output_path.is_dir():
+        fail(ConfigError(f"--output {output_path} is a folder; give a file name ending in .csv, .jsonl or .parquet"))
+    folder = output_path.resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        fail(ConfigError(f"--output {output_path}: folder {folder} does not exist or is not writable"))
 
 
 if __name__ == "__main__":

@@ -312,35 +312,45 @@ def log_trained(model, tokenizer, artifact_path: str) -> None:
         mlflow.log_artifacts(tmp, artifact_path)
 
 
-def log_servable(model, tokenizer, max_length: int, registered_model_name: str = "", temperature: float = 1.0):
-    """Log a self-contained pyfunc model (LoRA merged, no base model or network needed to load) and
-    optionally register it. Returns the ModelInfo."""
-    import pandas as pd
-    from mlflow.models import infer_signature
-
+def log_servable(model, tokenizer, settings: dict[str, Any], train_hashes: set[str]):
+    """Log a self-contained classifier as a model from code (LoRA merged, safetensors weights, JSON
+    files; no pickle, no base model or network needed to load) in the active run. Not registered
+    here: the promotion gate registers it with its evidence. Returns the ModelInfo."""
     from . import serving
     from .data import tokenizer_hash
 
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    config = {"format": serving.FORMAT, **settings, "labels": labels, "tokenizer_hash": tokenizer_hash(tokenizer)}
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        example = pd.DataFrame({"text": ["a wonderful film", "a dull mess"]})
-        classifier = serving.TextClassifier()
-        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        config = {"max_length": max_length, "temperature": temperature, "labels": labels,
-                  "tokenizer_hash": tokenizer_hash(tokenizer)}
-        classifier.load(tmp, **config)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            signature = infer_signature(example, classifier.classify(example["text"].tolist()))
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=serving.TextClassifier(),
-            artifacts={"model": tmp},
-            code_paths=[str(Path(__file__).parent)],
-            model_config=config,
-            signature=signature,
-            input_example=example,
-            pip_requirements=serving.requirements(),
-            registered_model_name=registered_model_name or None,
-        )
+        folder = Path(tmp)
+        model.save_pretrained(folder / serving.WEIGHTS, safe_serialization=True)
+        tokenizer.save_pretrained(folder / serving.WEIGHTS)
+        return mlflow.pyfunc.log_model(name="model", **servable_model(folder, config, train_hashes))
+
+
+def servable_model(folder: Path, config: dict[str, Any], train_hashes: set[str]) -> dict[str, Any]:
+    """Beside `folder/weights`, the JSON files; checked to load; the arguments of
+    `mlflow.pyfunc.log_model`/`save_model` for a model from code (no pickle)."""
+    import json
+
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    from . import serving
+
+    (folder / serving.CONFIG).write_text(json.dumps(config, indent=1))
+    (folder / serving.TRAIN_TEXTS).write_text(json.dumps(sorted(train_hashes)))
+    classifier = serving.TextClassifier()
+    classifier.load(str(folder / serving.WEIGHTS), config)  # what is logged is checked to load
+    example = pd.DataFrame({"text": ["a wonderful film", "a dull mess"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        signature = infer_signature(example, classifier.classify(example["text"].tolist()))
+    # Input typed "any": MLflow's schema enforcement would turn a null or a number into the string
+    # "None" or "3" and score it; the classifier refuses them itself, with HTTP 400.
+    signature.inputs = Schema([ColSpec(AnyType(), "text")])
+    return {"python_model": str(Path(__file__).with_name("served_model.py")),
+            "artifacts": {key: str(folder / key) for key in (serving.WEIGHTS, serving.CONFIG, serving.TRAIN_TEXTS)},
+            "code_paths": [str(Path(__file__).parent)], "signature": signature, "input_example": example,
+            "pip_requirements": serving.requirements()}

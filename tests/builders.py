@@ -107,3 +107,68 @@ def write_model(folder: Path, kind: str = "distilbert", seed: int = 0, pretrain:
                 optimizer.zero_grad()
     model.base_model.save_pretrained(folder)
     return folder
+
+
+def lookup_classifier(encoder: Path, answers: dict[str, int], seed: int = 0):
+    """A real sequence classifier (the tiny encoder plus a head, trained here) that labels each of the
+    given single-word texts as `answers` says: models whose predictions a test knows exactly.
+    Returns (model, tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from src.config import LoraConfig
+    from src.modeling import build_model
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    model = build_model(str(encoder), "full", ["0", "1"], LoraConfig())
+    batch = tokenizer(list(answers), padding=True, return_tensors="pt")
+    target = torch.tensor(list(answers.values()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(400):
+        model.train()
+        model(**batch, labels=target).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            if torch.equal(model(**batch).logits.argmax(-1), target):
+                return model, tokenizer
+    raise AssertionError("the lookup classifier did not learn its answers")
+
+
+# --- the promotion gate's known world --------------------------------------------------------------
+# 8 words, 50 held-out texts each; a word's texts mostly carry its label GATE_Y (48 of 50, the last
+# word 27 of 50). A lookup classifier answers per word, so every model's accuracy, and every paired
+# comparison, is known exactly: flipping word 0 costs 46 texts, word 7 only 4.
+GATE_WORDS = ["great", "awful", "movie", "plot", "actor", "scene", "music", "story"]
+GATE_Y = [1, 0, 1, 0, 1, 0, 1, 0]
+GATE_RIGHT = [48] * 7 + [27]
+GATE_TEXTS = [w for w in GATE_WORDS for _ in range(50)]
+
+
+def gate_truth():
+    import numpy as np
+
+    return np.array([GATE_Y[g] if k < GATE_RIGHT[g] else 1 - GATE_Y[g] for g in range(8) for k in range(50)])
+
+
+def answers_for(flipped: tuple[int, ...] = ()) -> dict[str, int]:
+    """The lookup: each word's label, or the other one for the words in `flipped`."""
+    return {w: 1 - GATE_Y[g] if g in flipped else GATE_Y[g] for g, w in enumerate(GATE_WORDS)}
+
+
+def submit_logged(model, tokenizer, answers: dict[str, int], train_words: tuple[str, ...] = (),
+                  max_batch_size: int = 0):
+    """Log a lookup classifier in the active run; the gate's Candidate for it on the known world."""
+    import numpy as np
+
+    from src import serving, tracking
+    from src.registry import Candidate
+
+    hashes = serving.text_hashes(train_words)
+    info = tracking.log_servable(model, tokenizer, {"max_length": 16, "temperature": 1.0,
+                                                    "max_batch_size": max_batch_size}, hashes)
+    preds = np.array([answers[t] for t in GATE_TEXTS])
+    return Candidate(model_uri=info.model_uri, labels=["0", "1"], split="test", texts=list(GATE_TEXTS),
+                     truth=gate_truth(), preds=preds, train_hashes=hashes, majority=0)

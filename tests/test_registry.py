@@ -1,29 +1,31 @@
-"""The promotion gate, its evidence and rollback, on a real MLflow registry.
+"""The promotion gate on a real MLflow registry, with real classifiers whose answers are known.
 
-Champion and candidates are pyfunc models that answer from a fixed table, so their prediction
-vectors, and therefore the evidence, are known exactly.
+Each model is a tiny encoder trained to label 8 words a fixed way (tests/builders.py), so its
+predictions on the gate's 400 held-out texts, its accuracy and every paired comparison are exact.
 """
+
+import json
+import os
+import subprocess
+import sys
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 
 from src.config import ConfigError
-from src.registry import check_label_map, current_champion, decide, gather_evidence, paired_evidence, rollback
+from src.registry import (
+    check_registration,
+    current_champion,
+    paired_evidence,
+    register_gated,
+    rollback,
+)
+from tests.builders import answers_for, lookup_classifier, submit_logged
+from tests.conftest import ROOT
 
 N = 400
-NAME = "gated"
-
-
-class Lookup(mlflow.pyfunc.PythonModel):
-    """Predicts the label stored for each text in its model config."""
-
-    def load_context(self, context):
-        self.answers = context.model_config["answers"]
-
-    def predict(self, context, model_input, params=None):  # noqa: ARG002
-        return pd.DataFrame({"label": [self.answers[t] for t in model_input["text"]]})
+FLIPS = {"A": (), "B": (0,), "C": (0, 1), "coin": (0, 1, 2, 3), "E": (7,)}  # accuracy .9075 .7925 .6775 .4475 .8975
 
 
 def vectors(seed=0):
@@ -41,11 +43,24 @@ def with_accuracy(truth, accuracy, rng):
     return preds
 
 
-def register(texts, preds):
-    with mlflow.start_run(run_name="lookup-model"):
-        info = mlflow.pyfunc.log_model(name="model", python_model=Lookup(), registered_model_name=NAME,
-                                       model_config={"answers": {t: str(p) for t, p in zip(texts, preds, strict=True)}})
-    return str(info.registered_model_version)
+@pytest.fixture(scope="module")
+def models(distilbert_dir):
+    return {key: lookup_classifier(distilbert_dir, answers_for(flips)) for key, flips in FLIPS.items()}
+
+
+def submit(models, key: str, name: str, alpha: float = 0.05, **kwargs) -> dict:
+    model, tokenizer = models[key]
+    with mlflow.start_run(run_name=f"candidate-{key}"):
+        return register_gated(submit_logged(model, tokenizer, answers_for(FLIPS[key]), **kwargs), name, alpha)
+
+
+def versions(client, name: str) -> list:
+    return client.search_model_versions(f"name = '{name}'")
+
+
+def registry_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "src.registry", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_paired_evidence_from_known_vectors():
@@ -66,87 +81,136 @@ def test_paired_evidence_from_known_vectors():
     assert small.difference > 0 and not small.significant and small.p_value > 0.05
 
 
-def test_gate_promotes_only_with_evidence_and_rollback_restores(tracking, tmp_path):
-    mlflow.set_experiment("registry-gate")
-    texts, truth, rng = vectors(1)
-    labels = ["0", "1"]
-    first, strong = with_accuracy(truth, 0.70, rng), with_accuracy(truth, 0.90, rng)
+def test_first_champion_must_beat_the_majority_baseline(tracking, models):
+    mlflow.set_experiment("gate-first")
+    coin = submit(models, "coin", "first")
+    assert coin["decision"] == "refused" and coin["candidate_version"] is None
+    assert coin["against"] == "majority class '0'" and coin["p_value"] == pytest.approx(1.0)
+    assert versions(tracking, "first") == []  # nothing registered: the next candidate is still first
+    first = submit(models, "E", "first")
+    assert first["decision"] == "champion" and first["candidate_accuracy"] == pytest.approx(0.8975)
+    assert first["champion_accuracy"] == pytest.approx(0.4475) and first["p_value"] < 1e-6
+    tags = tracking.get_model_version("first", first["candidate_version"]).tags
+    assert tags["decision"] == "champion" and tags["evidence.against"] == "majority class '0'"
+    assert all(v != "" for v in tags.values())  # only tags with a value
+    assert tracking.get_registered_model("first").tags["promotion.alpha"] == "0.05"
 
-    champion, evidence = gather_evidence(tracking, NAME, labels, first, truth, texts, 0.05, "test")
-    assert champion is None and evidence.significant  # nothing to beat: the first version is champion
-    v1 = register(texts, first)
-    decide(tracking, NAME, v1, champion, evidence, labels)
-    assert current_champion(tracking, NAME).version == v1
-    assert tracking.get_model_version(NAME, v1).tags["evidence.note"] == "first champion of this model"
 
-    # clearly better: promoted, the old champion keeps an alias, the evidence is on the version
-    champion, evidence = gather_evidence(tracking, NAME, labels, strong, truth, texts, 0.05, "test")
-    assert champion.version == v1 and evidence.champion_accuracy == pytest.approx(0.70)
-    v2 = register(texts, strong)
-    decision = decide(tracking, NAME, v2, champion, evidence, labels)
-    assert decision["alias"] == "champion" and decision["p_value"] < 1e-6
-    assert current_champion(tracking, NAME).version == v2
-    assert tracking.get_model_version_by_alias(NAME, "previous-champion").version == v1
-    tags = tracking.get_model_version(NAME, v2).tags
-    assert float(tags["evidence.ci_low"]) > 0 and tags["evidence.n"] == str(N) and tags["decision"] == "champion"
-    assert float(tags["evidence.candidate_accuracy"]) == pytest.approx(0.90)
+def test_gate_promotes_only_with_evidence_and_rollback_restores(tracking, models):
+    mlflow.set_experiment("gate")
+    v1 = submit(models, "C", "gated")["candidate_version"]
+    strong = submit(models, "A", "gated")
+    assert strong["decision"] == "champion" and strong["against"] == f"champion version {v1}"
+    assert strong["difference"] == pytest.approx(0.23) and strong["ci_low"] > 0
+    v2 = strong["candidate_version"]
+    assert current_champion(tracking, "gated").version == v2
+    assert tracking.get_model_version_by_alias("gated", "previous-champion").version == v1
+    weaker = submit(models, "B", "gated")
+    assert weaker["decision"] == "challenger" and weaker["difference"] == pytest.approx(-0.115)
+    assert tracking.get_model_version_by_alias("gated", "challenger").version == weaker["candidate_version"]
+    assert current_champion(tracking, "gated").version == v2
 
-    # indistinguishable from the champion: challenger, champion unchanged
-    peer = with_accuracy(truth, 0.90, rng)
-    champion, evidence = gather_evidence(tracking, NAME, labels, peer, truth, texts, 0.05, "test")
-    v3 = register(texts, peer)
-    assert decide(tracking, NAME, v3, champion, evidence, labels)["alias"] == "challenger"
-    assert current_champion(tracking, NAME).version == v2
-    assert tracking.get_model_version_by_alias(NAME, "challenger").version == v3
-    assert float(tracking.get_model_version(NAME, v3).tags["evidence.p_value"]) > 0.05
+    assert rollback(tracking, "gated") == {"champion": v1, "previous-champion": v2}
+    assert tracking.get_model_version("gated", v2).tags["rollback"] == "demoted"
+    assert tracking.get_model_version("gated", v2).tags["decision"] == "champion"  # what the gate decided stays
+    rollback(tracking, "gated")
+    assert current_champion(tracking, "gated").version == v2
 
-    # one command rolls back, and a second undoes it
-    assert rollback(tracking, NAME) == {"champion": v1, "previous-champion": v2}
-    assert current_champion(tracking, NAME).version == v1
-    assert tracking.get_model_version(NAME, v2).tags["rollback"] == "demoted"
-    assert tracking.get_model_version(NAME, v2).tags["decision"] == "champion"  # what the gate decided stays
-    rollback(tracking, NAME)
-    assert current_champion(tracking, NAME).version == v2
-
-    # a candidate with another label map is refused before anything is registered
-    versions = len(tracking.search_model_versions(f"name = '{NAME}'"))
-    with pytest.raises(ConfigError, match=r"has labels \['0', '1'\], this model \['neg', 'pos'\]"):
-        gather_evidence(tracking, NAME, ["neg", "pos"], strong, truth, texts, 0.05, "test")
-    assert len(tracking.search_model_versions(f"name = '{NAME}'")) == versions
-    # ... and a training run checks the same before its first step
-    check_label_map(NAME, ["0", "1"])
+    # another label map is refused before anything is registered, and before a training run starts
+    count = len(versions(tracking, "gated"))
+    model, tokenizer = models["A"]
+    with mlflow.start_run(run_name="other-labels"):
+        candidate = submit_logged(model, tokenizer, answers_for())
+        candidate.labels = ["neg", "pos"]
+        with pytest.raises(ConfigError, match=r"has labels \['0', '1'\], this model \['neg', 'pos'\]"):
+            register_gated(candidate, "gated", 0.05)
+    assert len(versions(tracking, "gated")) == count
+    check_registration("gated", ["0", "1"])
     with pytest.raises(ConfigError, match="register under another --registered-model-name"):
-        check_label_map(NAME, ["neg", "pos"])
+        check_registration("gated", ["neg", "pos"])
 
 
-def test_evidence_notes_a_champion_trained_on_other_data(tracking):
-    mlflow.set_experiment("registry-contract")
-    texts, truth, rng = vectors(2)
-    first = with_accuracy(truth, 0.7, rng)
-    with mlflow.start_run(run_name="lookup-model", tags={"data.fingerprint.train": "aaaa", "data.split_seed": "42"}):
-        info = mlflow.pyfunc.log_model(name="model", python_model=Lookup(), registered_model_name="contract",
-                                       model_config={"answers": {t: str(p) for t, p in zip(texts, first, strict=True)}})
-    tracking.set_registered_model_alias("contract", "champion", info.registered_model_version)
-    tracking.set_model_version_tag("contract", info.registered_model_version, "labels", '["0", "1"]')
-    candidate = with_accuracy(truth, 0.9, rng)
-    same = {"data.fingerprint.train": "aaaa", "data.split_seed": "42"}
-    _, evidence = gather_evidence(tracking, "contract", ["0", "1"], candidate, truth, texts, 0.05, "test", same)
-    assert evidence.same_training_data is True and evidence.note == ""
-    other = {"data.fingerprint.train": "bbbb", "data.split_seed": "42"}
-    _, evidence = gather_evidence(tracking, "contract", ["0", "1"], candidate, truth, texts, 0.05, "val", other)
-    assert evidence.same_training_data is False
-    assert "trained on other data" in evidence.note and "judged on validation" in evidence.note
+def test_the_promotion_level_is_the_models_policy(tracking, models):
+    mlflow.set_experiment("gate-policy")
+    submit(models, "E", "policy")
+    # +1% on 50 disagreements (p = 0.67): a submitter asking for alpha 0.99 does not get it
+    loose = submit(models, "A", "policy", alpha=0.99)
+    assert loose["decision"] == "challenger" and loose["level"] == pytest.approx(0.95)
+    assert loose["difference"] == pytest.approx(0.01) and loose["p_value"] > 0.5
+    assert "promotion alpha 0.05" in registry_cli("policy", "--registered-model-name", "policy").stdout
+    owner = registry_cli("policy", "--registered-model-name", "policy", "--alpha", "0.99")
+    assert owner.returncode == 0 and "promotion alpha 0.99" in owner.stdout
+    assert submit(models, "A", "policy", alpha=0.99)["decision"] == "champion"
+    stricter = submit(models, "B", "policy", alpha=0.01)
+    assert stricter["level"] == pytest.approx(0.99)  # stricter than the policy: taken
+    bad = registry_cli("policy", "--registered-model-name", "policy", "--alpha", "1.5")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --alpha must be between 0 and 1 exclusive, got 1.5"
+
+
+def test_a_model_without_champion_is_not_first(tracking, models):
+    mlflow.set_experiment("gate-orphaned")
+    v1 = submit(models, "E", "orphaned")["candidate_version"]
+    tracking.delete_registered_model_alias("orphaned", "champion")
+    with pytest.raises(ConfigError, match="has versions but no champion"):
+        submit(models, "coin", "orphaned")
+    with pytest.raises(ConfigError, match=r"src.registry promote --registered-model-name orphaned --version N"):
+        check_registration("orphaned", ["0", "1"])
+    assert len(versions(tracking, "orphaned")) == 1
+    promoted = registry_cli("promote", "--registered-model-name", "orphaned", "--version", v1)
+    assert promoted.returncode == 0, promoted.stderr
+    assert current_champion(tracking, "orphaned").version == v1
+    assert tracking.get_model_version("orphaned", v1).tags["decision"] == "champion (promoted by hand)"
+    assert submit(models, "coin", "orphaned")["decision"] == "challenger"
+    missing = registry_cli("promote", "--registered-model-name", "orphaned", "--version", "99")
+    assert missing.stderr.strip() == "error: registered model 'orphaned' has no version 99"
+
+
+def test_gate_leaves_out_texts_either_model_trained_on(tracking, models):
+    mlflow.set_experiment("gate-seen")
+    submit(models, "C", "seen", train_words=("great",))
+    decision = submit(models, "A", "seen", train_words=("awful",))
+    assert decision["excluded_seen_in_training"] == 100 and decision["n"] == 300
+    # A and C disagree only on words 0 and 1, now both left out: nothing between them remains
+    assert decision["difference"] == 0 and decision["decision"] == "challenger"
+
+
+def test_concurrent_gates_leave_consistent_aliases(tracking, models, distilbert_dir, tmp_path):
+    """Two candidates judged against the same champion at the same moment, in two processes: the
+    one that beats the other holds `champion`, and the later registration was judged against the
+    earlier one (compare-and-swap), not against the champion both started from."""
+    mlflow.set_experiment("gate-race")
+    first = submit(models, "C", "race")["candidate_version"]
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = {key: subprocess.Popen([sys.executable, "-m", "tests.gate_worker", str(distilbert_dir), "race",
+                                    ",".join(map(str, FLIPS[key])), str(barrier)], cwd=ROOT, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+             for key in ("A", "B")}
+    out = {}
+    for key, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        out[key] = json.loads(stdout.strip().splitlines()[-1])
+    a, b = out["A"], out["B"]
+    assert a["decision"] == "champion"
+    assert current_champion(tracking, "race").version == a["candidate_version"]
+    later, earlier = (a, b) if int(a["candidate_version"]) > int(b["candidate_version"]) else (b, a)
+    assert later["champion_version"] == earlier["candidate_version"]  # judged against what it replaced
+    for v in versions(tracking, "race"):
+        aliases = set(tracking.get_model_version("race", v.version).aliases)
+        if "champion" in aliases:
+            assert v.tags["decision"] == "champion"
+    if b["decision"] == "champion":  # B registered first, then A beat it
+        assert tracking.get_model_version_by_alias("race", "previous-champion").version == b["candidate_version"]
+    else:
+        assert b["decision"] == "challenger" and b["champion_version"] == a["candidate_version"]
+    assert first != a["candidate_version"]
+    assert "race.gate-lock" not in [m.name for m in tracking.search_registered_models()]
 
 
 def test_rollback_command_without_a_previous_champion(tracking):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     tracking.create_registered_model("lonely")
-    proc = subprocess.run([sys.executable, "-m", "src.registry", "rollback", "--registered-model-name", "lonely"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = registry_cli("rollback", "--registered-model-name", "lonely")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: registered model 'lonely' has no previous-champion to " \
                                                    "roll back to"

@@ -1,0 +1,57 @@
+"""Serve a logged or registered classifier over HTTP without running anything the store holds.
+
+    python -m src.serve --model models:/imdb-sentiment@champion --port 5001
+
+`mlflow models serve -m models:/...` executes the model's code file as stored on the tracking
+server. This command instead reads only the weights (safetensors) and JSON files through the
+project's loader, rebuilds the MLflow model folder locally around this checkout's own code, and
+hands that folder to MLflow's scoring server (`POST /invocations`, `GET /ping`).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from .cli import fail, main
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_uri", required=True,
+              help="MLflow model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=5001, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
+def serve(model_uri: str, host: str, port: int, workers: int) -> None:
+    """Answer POST /invocations with the model's labels and probabilities."""
+    import subprocess
+
+    import mlflow
+
+    from . import serving, tracking
+    from .config import ConfigError
+
+    with tempfile.TemporaryDirectory(prefix="serve-") as tmp:
+        folder = Path(tmp) / "files"
+        try:
+            tracking.check_reachable()
+            _, config = serving.fetch(model_uri, folder)
+            hashes = serving.train_text_hashes(model_uri) or set()
+            mlflow.pyfunc.save_model(path=str(Path(tmp) / "model"),
+                                     **tracking.servable_model(folder, config, hashes))
+        except (ConfigError, ValueError) as exc:
+            fail(exc)
+        click.echo(f"serving {model_uri} on http://{host}:{port} (POST /invocations)", err=True)
+        command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(Path(tmp) / "model"),
+                   "--env-manager", "local", "--host", host, "--port", str(port), "--workers", str(workers)]
+        try:
+            sys.exit(subprocess.call(command))
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+
+if __name__ == "__main__":
+    main(serve, "python -m src.serve")

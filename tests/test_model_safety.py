@@ -1,0 +1,153 @@
+"""Nothing a tracking server holds runs code here: a planted pickle is never loaded, and the served
+model answers malformed requests with one line and HTTP 400."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import mlflow
+import pytest
+
+from src.config import ConfigError
+from src.registry import register_gated
+from tests.builders import answers_for, lookup_classifier, submit_logged
+from tests.conftest import BIN, ROOT, free_port, run_cli
+
+
+class Planted(mlflow.pyfunc.PythonModel):
+    """Unpickling this model writes a file: proof that code from the store ran."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+    def predict(self, context, model_input, params=None):  # noqa: ARG002
+        return model_input
+
+
+@pytest.fixture(scope="module")
+def lookup(distilbert_dir):
+    return lookup_classifier(distilbert_dir, answers_for())
+
+
+def gate(lookup, name: str, max_batch_size: int = 0) -> dict:
+    model, tokenizer = lookup
+    with mlflow.start_run(run_name="candidate"):
+        return register_gated(submit_logged(model, tokenizer, answers_for(), max_batch_size=max_batch_size), name,
+                              0.05)
+
+
+def plant(name: str, marker) -> str:
+    Planted.marker = str(marker)
+    with mlflow.start_run(run_name="planted"):
+        info = mlflow.pyfunc.log_model(name="model", python_model=Planted(), registered_model_name=name)
+    marker.unlink(missing_ok=True)  # logging may have loaded it once; what follows must not
+    return str(info.registered_model_version)
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in proc.stderr
+    return lines[-1]
+
+
+def test_a_planted_pickle_is_never_loaded(tracking, lookup, distilbert_dir, data_files, tmp_path):
+    mlflow.set_experiment("planted")
+    marker = tmp_path / "code-ran"
+    legit = gate(lookup, "planted")["candidate_version"]
+    planted = plant("planted", marker)
+    # a planted version beside the champion: gating, predicting, serving the champion never touch it
+    assert gate(lookup, "planted")["decision"] == "challenger"
+    assert not marker.exists()
+    # the planted version made champion behind the gate's back: every reader refuses it
+    tracking.set_registered_model_alias("planted", "champion", planted)
+    with pytest.raises(ConfigError, match="not a text classifier logged by this project"):
+        gate(lookup, "planted")
+    train = run_cli(["--strategy", "lora", "--model", str(distilbert_dir), "--train-data", str(data_files[0]),
+                     "--test-data", str(data_files[1]), "--registered-model-name", "planted",
+                     "--experiment-name", "planted", "--checkpoint-dir", ""])
+    assert "not a text classifier logged by this project" in one_error_line(train)
+    for module in ("src.predict", "src.serve"):
+        args = ["--model", "models:/planted@champion"] + (["a fine film"] if module == "src.predict" else [])
+        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert "not a text classifier logged by this project" in one_error_line(proc)
+    assert not marker.exists()
+    runs = mlflow.search_runs(experiment_names=["planted"], filter_string="attributes.status = 'RUNNING'")
+    assert len(runs) == 0
+    tracking.set_registered_model_alias("planted", "champion", legit)
+
+
+def post(port: int, body: bytes | str, content_type: str = "application/json") -> tuple[int, str]:
+    data = body if isinstance(body, bytes) else body.encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=data,
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+MALFORMED = [  # (request body, status, a phrase the one-line answer holds)
+    ('{"inputs": {"text": ["a fine film", null]}}', 400, "text 1 is NoneType"),
+    ('{"inputs": {"text": [3, 4]}}', 400, "text 0 is int"),
+    ('{"dataframe_records": [{"text": [1]}]}', 400, "text 0 is int"),
+    ('{"inputs": {"text": [["a", "b"], "c"]}}', 400, "text 0 is list"),
+    ('{"dataframe_records": [{"text": {"an": "object"}}]}', 400, "text 0 is dict"),
+    ('{"inputs": {"text": [""]}}', 400, "text 0 is empty"),
+    ('{"inputs": {"text": []}}', 400, "holds no texts"),
+    ('{"dataframe_records": []}', 400, ""),
+    ('{"inputs": {"text": ["a", "b", "c", "d", "e"]}}', 400, "takes at most 4"),
+    ("not json", 400, ""),
+]
+
+
+def serve(command: list[str], port: int, log_path) -> subprocess.Popen:
+    log = open(log_path, "w")
+    server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                return server
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.5)
+
+
+@pytest.mark.parametrize("how", ["src.serve", "mlflow models serve"])
+def test_served_champion_answers_malformed_requests_with_400(tracking, lookup, tmp_path, how):
+    mlflow.set_experiment("served")
+    name = "served-" + how.split()[0].replace(".", "-")
+    gate(lookup, name, max_batch_size=4)
+    marker = tmp_path / "code-ran"
+    plant(name, marker)  # a newer planted version that is not the champion
+    port = free_port()
+    uri = f"models:/{name}@champion"
+    command = ([sys.executable, "-m", "src.serve", "--model", uri, "--port", str(port)] if how == "src.serve" else
+               [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local", "--host", "127.0.0.1",
+                "--port", str(port)])
+    server = serve(command, port, tmp_path / "serve.log")
+    try:
+        status, body = post(port, '{"inputs": {"text": ["great", "awful"]}}')
+        assert status == 200, body
+        assert [r["label"] for r in json.loads(body)["predictions"]] == ["1", "0"]
+        answers = [(request, *post(port, request)) for request, _, _ in MALFORMED]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    print("\n".join(f"{status} {request} -> {body[:300]}" for request, status, body in answers))
+    for (request, expected, phrase), (_, status, body) in zip(MALFORMED, answers, strict=True):
+        assert status == expected, (request, body)
+        assert "Traceback" not in body and "stack_trace" not in body, (request, body)
+        assert phrase in body, (request, body)
+    assert not marker.exists()
