@@ -154,8 +154,9 @@ class MlflowLogger:
         if not isinstance(refused[0][1], mlflow.exceptions.MlflowException):
             raise refused[0][1]  # a fault of ours, not the server's answer
         steps = sorted({step for step, _ in refused})
+        which = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
         reason = redact(str(refused[0][1]).splitlines()[0])[:300]
-        raise MetricsRefused(f"the tracking server refused the metrics of step(s) {steps[0]}-{steps[-1]} of run "
+        raise MetricsRefused(f"the tracking server refused the metrics of {which} of run "
                              f"{self.run_id} after MLflow's retries ({reason}); the run ends FAILED and no "
                              f"checkpoint claims those steps: resume it with --resume-run-id {self.run_id} once the "
                              f"server takes requests again")
