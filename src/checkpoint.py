@@ -158,28 +158,33 @@ class Checkpointer:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+            if not self.path.is_file():
+                self.remove()  # a run that ended before its first save leaves no folder behind
 
     def save(self, state: TrainState) -> None:
         import torch
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{FILE}.", suffix=".tmp", dir=self.folder)
+        tmp = None
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f"{FILE}.", suffix=".tmp", dir=self.folder)
             with os.fdopen(fd, "wb") as f:
                 torch.save({"format": FORMAT, "run_id": self.run_id, "config": self.config,
                             "state": state.state_dict()}, f)
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
             os.replace(tmp, self.path)
+            tmp = None
+            _fsync_folder(self.folder)  # the rename itself survives a power cut
         except BaseException as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             if isinstance(exc, OSError):
                 raise CheckpointError(f"cannot write the checkpoint of run {self.run_id} to {self.folder} "
-                                      f"({exc.strerror or exc}); the previous one is kept: free space or fix the "
-                                      f"folder, then resume with --resume-run-id {self.run_id}") from exc
+                                      f"({exc.strerror or exc}); its last complete checkpoint is kept: free space "
+                                      f"or fix the folder, then resume with --resume-run-id {self.run_id}") from exc
             raise
-        _fsync_folder(self.folder)  # the rename itself survives a power cut
 
     def load(self) -> TrainState:
         """The checkpoint, read without unpickling anything and checked against the resuming settings."""
