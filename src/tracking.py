@@ -157,9 +157,9 @@ class MlflowLogger:
         which = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
         reason = redact(str(refused[0][1]).splitlines()[0])[:300]
         raise MetricsRefused(f"the tracking server refused the metrics of {which} of run "
-                             f"{self.run_id} after MLflow's retries ({reason}); the run ends FAILED and no "
-                             f"checkpoint claims those steps: resume it with --resume-run-id {self.run_id} once the "
-                             f"server takes requests again")
+                             f"{self.run_id} after MLflow's retries ({reason}); the run ends FAILED and its "
+                             f"checkpoint claims no step from there on: resume it with --resume-run-id "
+                             f"{self.run_id} once the server takes requests again")
 
 
 def logged_steps(run_id: str) -> dict[str, set[int]]:
