@@ -1,44 +1,226 @@
 """Checkpoints that resume a run exactly: weights, optimizer, schedule, RNG and data order.
 
-One file per run, `<checkpoint_dir>/<run_id>/last.pt`, replaced atomically (write, then rename), so a
-kill at any moment leaves the previous complete checkpoint. Removed when the run finishes: the
-trained model is then in MLflow.
+One file per run, `<checkpoint_dir>/<run_id>/last.pt`, replaced atomically (a private temp file,
+fsynced, then renamed), so a kill or a full disk at any moment leaves the previous complete
+checkpoint. The file holds only tensors and plain values and is read with
+`torch.load(weights_only=True)`: a planted or older pickled file is refused, never unpickled. A
+process training or resuming the run holds `<checkpoint_dir>/<run_id>/lock` (an OS file lock, freed
+by the kernel even after kill -9), so a second resume of the same run is refused. The folder is
+removed when the run finishes: the trained model is then in MLflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import tempfile
 import threading
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
 
 FILE = "last.pt"
+LOCK = "lock"
+# 2: tensors and plain values only. Files without it were written by releases that pickled objects.
+FORMAT = 2
 # Settings that may differ between the interrupted run and its resumption.
 MAY_CHANGE = {"resume_run_id", "checkpoint_steps", "eval_batch_size", "logging_steps", "temperature_scaling",
               "registered_model_name", "promotion_alpha", "max_batch_size"}
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be written or read; one line, like every refusal the CLI prints."""
+
+
+@dataclass
+class TrainState:
+    """Everything the next optimizer step depends on, after `batch_index` batches of `epoch`.
+
+    Field names are the checkpoint's keys. `state_dict` turns numpy values and evaluations into
+    tensors and plain numbers, which `torch.load(weights_only=True)` accepts."""
+
+    epoch: int
+    batch_index: int
+    step: int
+    rng_epoch: dict  # numpy Generator state that regenerates `epoch`'s batch order
+    rng: dict  # the global generators: python, numpy, torch CPU and CUDA (global_rng_state)
+    model: dict  # trainable tensors only
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+    best_state: dict | None
+    best_score: float | None
+    best_epoch: int
+    best_metrics: dict | None
+    best_val: Any  # evaluate.Evaluation | None
+    bad_epochs: int
+    history: list
+    running: float
+    running_n: int
+    counts: list  # samples, real tokens, padded tokens seen; training seconds
+
+    def state_dict(self) -> dict[str, Any]:
+        import torch
+
+        state = {f.name: getattr(self, f.name) for f in fields(self)}  # no copy: asdict deep-copies tensors
+        ev = self.best_val
+        if ev is not None:
+            state["best_val"] = {"labels": torch.as_tensor(ev.labels), "probs": torch.as_tensor(ev.probs),
+                                 "loss": float(ev.loss)}
+        state["best_score"] = None if self.best_score is None else float(self.best_score)
+        state["best_metrics"] = _floats(self.best_metrics)
+        state["history"] = [_floats(h) for h in self.history]
+        state["counts"] = [float(c) if isinstance(c, float) else int(c) for c in self.counts]
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TrainState:
+        from .evaluate import Evaluation
+
+        ev = state["best_val"]
+        if ev is not None:
+            ev = Evaluation(labels=ev["labels"].numpy(), probs=ev["probs"].numpy(), loss=ev["loss"])
+        return cls(**{f.name: state[f.name] for f in fields(cls)} | {"best_val": ev})
+
+
+def _floats(values: dict | None) -> dict | None:
+    return None if values is None else {k: float(v) if not isinstance(v, int) else v for k, v in values.items()}
+
+
+def global_rng_state() -> dict[str, Any]:
+    """Python's, numpy's and torch's global generators, as lists and tensors."""
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class Checkpointer:
+    """One run's checkpoint. Used as a context manager it holds the run's lock until the run ends."""
+
     def __init__(self, folder: str | Path, run_id: str, config: dict[str, Any]):
         self.folder = Path(folder) / run_id
         self.run_id = run_id
         self.config = config
+        self._lock = None
 
     @property
     def path(self) -> Path:
         return self.folder / FILE
 
-    def save(self, state: dict[str, Any]) -> None:
+    def __enter__(self) -> Checkpointer:
+        from filelock import FileLock, Timeout
+
+        # filelock rather than bare fcntl.flock: it also locks on Windows, and it retries when the
+        # holder deletes the lock file between our open and our lock (remove() does, at the end).
+        lock = FileLock(self.folder / LOCK, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise CheckpointError(f"run {self.run_id} is being trained or resumed by another process (it holds "
+                                  f"{self.folder / LOCK}); wait for that process to end, or stop it, then resume "
+                                  f"again") from None
+        self._lock = lock
+        # Temp files of a writer killed mid-save: with the lock held, nobody else writes here.
+        for stale in self.folder.glob(f"{FILE}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+            if not self.path.is_file():
+                self.remove()  # a run that ended before its first save leaves no folder behind
+
+    def save(self, state: TrainState) -> None:
         import torch
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({**state, "run_id": self.run_id, "config": self.config}, tmp)
-        os.replace(tmp, self.path)
+        tmp = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f"{FILE}.", suffix=".tmp", dir=self.folder)
+            with os.fdopen(fd, "wb") as f:
+                torch.save({"format": FORMAT, "run_id": self.run_id, "config": self.config,
+                            "state": state.state_dict()}, f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+            os.replace(tmp, self.path)
+            tmp = None
+            _fsync_folder(self.folder)  # the rename itself survives a power cut
+        except BaseException as exc:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise CheckpointError(f"cannot write the checkpoint of run {self.run_id} to {self.folder} "
+                                      f"({exc.strerror or exc}); its last complete checkpoint is kept: free space "
+                                      f"or fix the folder, then resume with --resume-run-id {self.run_id}") from exc
+            raise
+
+    def load(self) -> TrainState:
+        """The checkpoint, read without unpickling anything and checked against the resuming settings."""
+        saved = self._read()
+        check_settings(saved.get("config", {}), self.config, self.run_id)
+        try:
+            return TrainState.from_state_dict(saved["state"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"checkpoint {self.path} lacks {exc}; it was not written by this release: delete "
+                                  f"{self.folder} and train the run again") from None
+
+    def check_exists(self) -> None:
+        if not self.path.is_file():
+            raise ConfigError(f"no checkpoint for run {self.run_id} at {self.path}; check --resume-run-id and "
+                              f"--checkpoint-dir")
+
+    def _read(self) -> dict[str, Any]:
+        import pickle
+
+        import torch
+
+        self.check_exists()  # again under the lock: a process that held it may have finished the run
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"checkpoint {self.path} holds pickled Python objects, which are never loaded "
+                                  f"(they could run code); it was written by an earlier release or not by this "
+                                  f"program: delete {self.folder} and train the run again") from None
+        except (RuntimeError, EOFError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {self.path} is damaged ({str(exc).splitlines()[0][:200]}); delete "
+                                  f"{self.folder} and train the run again") from None
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+            raise CheckpointError(f"checkpoint {self.path} has format {found}, this release reads {FORMAT}: delete "
+                                  f"{self.folder} and train the run again")
+        return saved
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -46,6 +228,24 @@ class Checkpointer:
             self.folder.parent.rmdir()  # only if no other run keeps a checkpoint there
         except OSError:
             pass
+
+
+def _fsync_folder(folder: Path) -> None:
+    if os.name != "posix":  # Windows cannot open a folder; NTFS journals the rename
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resumable(folder: str | Path, run_id: str, config: dict[str, Any]) -> Checkpointer:
+    """The checkpointer of an interrupted run, checked before its lock is taken (which would create
+    the folder)."""
+    saver = Checkpointer(folder, run_id, config)
+    saver.check_exists()
+    return saver
 
 
 # Bytes per trainable parameter in a checkpoint: fp32 weights, the best epoch's copy, and AdamW's two moments.
@@ -80,16 +280,8 @@ def check_space(folder: str | Path, trainable: int) -> int:
     return need
 
 
-def load(folder: str | Path, run_id: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint of `run_id`, checked against the settings of the resuming command."""
-    import torch
-
-    path = Path(folder) / run_id / FILE
-    if not path.is_file():
-        raise ConfigError(f"no checkpoint for run {run_id} at {path}; check --resume-run-id and --checkpoint-dir")
-    # Our own file, written by save() above: it holds optimizer and RNG state, not only tensors.
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = state.get("config", {})
+def check_settings(saved: dict[str, Any], config: dict[str, Any], run_id: str) -> None:
+    """The resuming command must use the settings the run was started with."""
     from .config import all_fields
 
     # A setting added after the checkpoint was written had its default then.
@@ -99,7 +291,6 @@ def load(folder: str | Path, run_id: str, config: dict[str, Any]) -> dict[str, A
     if changed:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed[:4])
         raise ConfigError(f"run {run_id} was started with other settings ({shown}); resume it with the same ones")
-    return state
 
 
 class StopOnSignal:

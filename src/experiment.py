@@ -95,7 +95,16 @@ def prepare(cfg: RunConfig) -> Prepared:
     return _PREPARED[key]
 
 
-def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str] | None = None,
+def run_experiment(cfg: RunConfig, **options: Any) -> Outcome:
+    """One run (see `_run_experiment` for the options). A checkpoint lock taken during the run is
+    held until it ends, however it ends."""
+    import contextlib
+
+    with contextlib.ExitStack() as held:
+        return _run_experiment(cfg, held, **options)
+
+
+def _run_experiment(cfg: RunConfig, held, *, nested: bool = False, tags: dict[str, str] | None = None,
                    on_start: Callable[[str], None] | None = None,
                    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
                    killed_on: tuple[type[BaseException], ...] = (),
@@ -117,18 +126,20 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
     from .modeling import build_model, count_params
 
     resume_id = cfg.tracking.resume_run_id
-    state = None
+    state, saver = None, None
     if resume_id:
         if dist.world > 1:
             raise ConfigError("--resume-run-id works in a single process for now; resume without the launcher")
+        # Locked before the run reopens: a second resume of a live run is refused without touching it.
+        saver = held.enter_context(checkpoint.resumable(cfg.train.checkpoint_dir, resume_id, cfg.flat()))
         tracking.check_resumable(resume_id)
-        state = checkpoint.load(cfg.train.checkpoint_dir, resume_id, cfg.flat())
+        state = saver.load()
     with tracking.run(cfg, nested=nested, tags=tags, killed_on=killed_on, resume_run_id=resume_id) as active:
         run_id = active.info.run_id
         if on_start is not None:
             on_start(run_id)
-        saver = checkpoint.Checkpointer(cfg.train.checkpoint_dir, run_id, cfg.flat()) \
-            if cfg.train.checkpoint_dir else None
+        if saver is None and cfg.train.checkpoint_dir:
+            saver = held.enter_context(checkpoint.Checkpointer(cfg.train.checkpoint_dir, run_id, cfg.flat()))
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model.model, cfg.model.strategy, splits.labels, cfg.lora,
                             cfg.model.attention_dropout)
@@ -141,7 +152,7 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
             "world_size": dist.world, "global_batch_size": cfg.train.batch_size * dist.world,
         }, resumed=bool(resume_id), tokenizer=tokenizer)
         pad_id = tokenizer.pad_token_id
-        logger = tracking.MlflowLogger(tracking.last_steps(run_id) if resume_id else None)
+        logger = tracking.MlflowLogger(run_id, tracking.logged_steps(run_id) if resume_id else None)
         result = fit(model, encoded["train"], encoded["val"], cfg.train, cfg.learning_rate, len(splits.labels),
                      pad_id, logger=logger, on_epoch=on_epoch, dist=dist, checkpointer=saver, resume=state)
         mlflow.log_metrics({**throughput(result), "best_epoch": result.best_epoch})

@@ -29,7 +29,8 @@ from .evaluate import Evaluation, metrics
 class Logger(Protocol):
     def log_metrics(self, values: dict[str, float], step: int) -> None: ...
 
-    def flush(self) -> None: ...
+    def flush(self) -> None:
+        """Return once every metric logged so far is stored; raise if one never will be."""
 
 
 class NullLogger:
@@ -210,18 +211,18 @@ def _shard(batches: list[np.ndarray], dist: Dist) -> list[np.ndarray]:
 def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: float, n_classes: int,
         pad_id: int, logger: Logger | None = None,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None, dist: Dist = Dist(),
-        checkpointer=None, resume: dict | None = None) -> FitResult:
+        checkpointer=None, resume=None) -> FitResult:
     """Train, evaluate on validation after each epoch, and leave the best epoch's weights in `model`.
 
     `on_epoch(epoch, val_metrics)` may raise to stop (e.g. an Optuna pruner). Under a launcher
     (`dist.world` > 1) `cfg.batch_size` is per process and gradients are averaged by DDP.
     With a `checkpointer`, state is saved after every epoch (and every `cfg.checkpoint_steps`
     optimizer steps), and Ctrl-C/SIGTERM save one at the next optimizer step before stopping;
-    `resume` (a loaded checkpoint) continues exactly where it was saved.
+    `resume` (a loaded checkpoint.TrainState) continues exactly where it was saved.
     """
     from transformers import get_scheduler
 
-    from .checkpoint import StopOnSignal
+    from .checkpoint import StopOnSignal, TrainState, global_rng_state, set_global_rng_state
 
     logger = logger or NullLogger()
     device = pick_device()
@@ -256,39 +257,37 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
     running_n = 0
     first_epoch, skip = 1, 0
     if resume is not None:
-        model.load_state_dict(resume["model"], strict=False)
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        rng.bit_generator.state = resume["rng_epoch"]
-        torch.set_rng_state(resume["torch_rng"])
-        first_epoch, skip, step = resume["epoch"], resume["batch_index"], resume["step"]
-        best_state, best_score, best_epoch = resume["best_state"], resume["best_score"], resume["best_epoch"]
-        best_metrics, best_val, bad_epochs = resume["best_metrics"], resume["best_val"], resume["bad_epochs"]
-        result.history = resume["history"]
-        running += resume["running"]
-        running_n = resume["running_n"]
+        model.load_state_dict(resume.model, strict=False)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        scaler.load_state_dict(resume.scaler)
+        rng.bit_generator.state = resume.rng_epoch
+        set_global_rng_state(resume.rng)
+        first_epoch, skip, step = resume.epoch, resume.batch_index, resume.step
+        best_state, best_score, best_epoch = resume.best_state, resume.best_score, resume.best_epoch
+        best_metrics, best_val, bad_epochs = resume.best_metrics, resume.best_val, resume.bad_epochs
+        result.history = resume.history
+        running += resume.running
+        running_n = resume.running_n
         (result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen,
-         result.train_seconds) = resume["counts"]
+         result.train_seconds) = resume.counts
 
     def snapshot(epoch: int, batch_index: int, rng_epoch: dict) -> None:
         """Everything the next step depends on: `batch_index` batches of `epoch` are done, and
         `rng_epoch` regenerates that epoch's batch order."""
         if checkpointer is None or not dist.main:
             return
-        # Metrics up to here must be on the server before the checkpoint says they are done:
-        # a resume re-logs only steps after the server's last one, so nothing is lost or doubled.
+        # Metrics up to here must be on the server before the checkpoint says they are done: a resume
+        # re-logs only the steps the server lacks, so nothing is lost or doubled. flush() raises if any was refused.
         logger.flush()
-        checkpointer.save({
-            "epoch": epoch, "batch_index": batch_index, "step": step, "rng_epoch": rng_epoch,
-            "torch_rng": torch.get_rng_state(), "model": _trainable_state(model),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "best_state": best_state, "best_score": best_score, "best_epoch": best_epoch,
-            "best_metrics": best_metrics, "best_val": best_val, "bad_epochs": bad_epochs,
-            "history": result.history, "running": float(running), "running_n": running_n,
-            "counts": (result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen,
-                       result.train_seconds),
-        })
+        checkpointer.save(TrainState(
+            epoch=epoch, batch_index=batch_index, step=step, rng_epoch=rng_epoch, rng=global_rng_state(),
+            model=_trainable_state(model), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(), best_state=best_state, best_score=best_score, best_epoch=best_epoch,
+            best_metrics=best_metrics, best_val=best_val, bad_epochs=bad_epochs, history=result.history,
+            running=float(running), running_n=running_n,
+            counts=[result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen, result.train_seconds],
+        ))
 
     stop = StopOnSignal() if checkpointer is not None else None
     epoch = first_epoch - 1
@@ -369,6 +368,7 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
                 result.stopped_early = True
                 break
 
+    logger.flush()  # every metric is on the server now, or the run fails here: never FINISHED with gaps
     if best_state is not None and best_epoch != epoch:
         model.load_state_dict(best_state, strict=False)
     result.best_epoch, result.best_val, result.best_val_metrics = best_epoch, best_val, best_metrics

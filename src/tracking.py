@@ -19,7 +19,7 @@ from typing import Any
 
 import mlflow
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 
 
 def check_reachable(timeout: float = 5.0) -> None:
@@ -100,30 +100,73 @@ def redact(uri: str) -> str:
     return re.sub(r"//([^:/@]+):[^@/]+@", r"//\1:***@", uri)
 
 
+class MetricsRefused(ConfigError):
+    """The tracking server did not take metrics after MLflow's retries: the run must not end FINISHED."""
+
+
 class MlflowLogger:
-    """The loop's logger. Asynchronous so a slow tracking server never stalls a training step.
+    """The loop's logger. Sends in a background thread so a slow tracking server never stalls a
+    training step, and keeps each send's outcome: a batch the server still refuses after MLflow's
+    HTTP retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, ..._BACKOFF_FACTOR) raises `MetricsRefused` at the
+    next log or flush. The run then ends FAILED, and since a checkpoint is written only after a
+    flush, it never claims the refused steps: `--resume-run-id` trains them again and logs them.
 
-    A resumed run repeats the steps after its checkpoint that were already logged before the
-    interruption; `logged` (key -> last step on the server) keeps each step once."""
+    Not `mlflow.log_metrics(synchronous=False)`: with MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS set,
+    MLflow merges queued calls into one request and reports a failure only to the first call's
+    future (mlflow/utils/async_logging/run_batch.py, `complete`), so the others look delivered.
 
-    def __init__(self, logged: dict[str, int] | None = None) -> None:
+    `logged` (key -> steps the server holds) keeps each step once when a resumed run repeats the
+    steps after its checkpoint, and fills the gaps a refused batch left."""
+
+    def __init__(self, run_id: str, logged: dict[str, set[int]] | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run_id = run_id
         self.logged = logged or {}
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")  # in order, one at a time
+        self._pending: list[tuple[int, Any]] = []  # (step, future), oldest first
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
-        clean = {k: float(v) for k, v in values.items()
-                 if v is not None and math.isfinite(float(v)) and step > self.logged.get(k, -1)}
-        if clean:
-            mlflow.log_metrics(clean, step=step, synchronous=False)
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items()
+                 if v is not None and math.isfinite(float(v)) and step not in self.logged.get(k, ())]
+        if batch:
+            client = mlflow.MlflowClient()
+            self._pending.append((step, self._sender.submit(client.log_batch, self.run_id, metrics=batch,
+                                                                synchronous=True)))
+        while self._pending and self._pending[0][1].done():  # fail at the first refusal, not at the next flush
+            self._check([self._pending.pop(0)])
 
     def flush(self) -> None:
-        mlflow.flush_async_logging()
+        pending, self._pending = self._pending, []
+        self._check(pending)
+
+    def _check(self, sent: list[tuple[int, Any]]) -> None:
+        refused = [(step, future.exception()) for step, future in sent if future.exception() is not None]
+        if not refused:
+            return
+        self._sender.shutdown(wait=False, cancel_futures=True)  # the run is failing: spare the server the rest
+        self._pending = []
+        if not isinstance(refused[0][1], mlflow.exceptions.MlflowException):
+            raise refused[0][1]  # a fault of ours, not the server's answer
+        steps = sorted({step for step, _ in refused})
+        which = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+        reason = redact(str(refused[0][1]).splitlines()[0])[:300]
+        raise MetricsRefused(f"the tracking server refused the metrics of {which} of run "
+                             f"{self.run_id} after MLflow's retries ({reason}); the run ends FAILED and its "
+                             f"checkpoint claims no step from there on: resume it with --resume-run-id "
+                             f"{self.run_id} once the server takes requests again")
 
 
-def last_steps(run_id: str) -> dict[str, int]:
-    """Per metric key, the last step the server holds for a run."""
+def logged_steps(run_id: str) -> dict[str, set[int]]:
+    """Per metric key, the steps the server holds for a run."""
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
-    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+    return {key: {m.step for m in client.get_metric_history(run_id, key)} for key in run.data.metrics}
 
 
 def check_resumable(run_id: str) -> None:

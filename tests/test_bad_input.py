@@ -74,19 +74,15 @@ def test_bad_input_fails_fast_and_cleanly(name, bad_files, distilbert_dir, track
         assert experiment is None  # nothing created in MLflow
 
 
-def test_checkpoint_from_before_a_new_setting_still_resumes(tmp_path):
-    import torch
-
-    from src.checkpoint import load
+def test_checkpoint_from_before_a_new_setting_still_resumes():
+    from src.checkpoint import check_settings
     from src.config import ConfigError, RunConfig
 
     config = RunConfig().flat()
     older = {k: v for k, v in config.items() if k != "class_weights"}  # written before the setting existed
-    (tmp_path / ("0" * 32)).mkdir()
-    torch.save({"config": older}, tmp_path / ("0" * 32) / "last.pt")
-    assert load(tmp_path, "0" * 32, config)["config"] == older  # its default then equals the default now
+    check_settings(older, config, "0" * 32)  # its default then equals the default now
     with pytest.raises(ConfigError, match="class_weights: None -> 'balanced'"):
-        load(tmp_path, "0" * 32, {**config, "class_weights": "balanced"})
+        check_settings(older, {**config, "class_weights": "balanced"}, "0" * 32)
 
 
 def test_checkpoints_that_cannot_fit_the_disk_are_refused_before_work(tmp_path):
