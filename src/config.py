@@ -323,6 +323,8 @@ class CompareConfig:
     output_dir: str = _opt("compare", "Folder for results.md, results.csv and the charts (also logged to MLflow).")
     registered_model_name: str = _opt("imdb-sentiment", "Registered model whose champion is marked in the table "
                                       "and charts, if it exists.")
+    overwrite: bool = _opt(False, "Write into an --output-dir that holds other files: compare's own files are "
+                           "replaced, the others left alone and never logged.", type=bool)
 
     def __post_init__(self) -> None:
         if not self.output_dir:
