@@ -72,6 +72,10 @@ class DataConfig:
             raise ConfigError(f"--empty-texts must be one of {', '.join(EMPTY_TEXTS)}, got {self.empty_texts!r}")
         if not self.text_column or not self.label_column:
             raise ConfigError("--text-column and --label-column must not be empty")
+        if self.text_column == self.label_column:
+            raise ConfigError(f"--text-column and --label-column both name column {self.text_column!r}; the label "
+                              f"needs its own column")
+        _check_seed("split_seed", self.split_seed)
 
 
 @dataclass
@@ -176,6 +180,7 @@ class TrainConfig:
             raise ConfigError(f"--max-grad-norm must be >= 0 (0 = off), got {self.max_grad_norm}")
         if self.checkpoint_steps < 0:
             raise ConfigError(f"--checkpoint-steps must be >= 0, got {self.checkpoint_steps}")
+        _check_seed("seed", self.seed)
         if self.early_stopping_patience < 0:
             raise ConfigError(f"--early-stopping-patience must be >= 0, got {self.early_stopping_patience}")
         if self.class_weights not in ("", "balanced"):
@@ -203,6 +208,8 @@ class TrackingConfig:
                                   "(McNemar p < alpha and a bootstrap interval of the gain above 0).")
 
     def __post_init__(self) -> None:
+        if not self.experiment_name.strip():
+            raise ConfigError("--experiment-name must not be empty; name the MLflow experiment, e.g. imdb-sentiment")
         name = self.registered_model_name
         if name and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", name):
             raise ConfigError(f"--registered-model-name may hold letters, digits, '_', '-', '.', got {name!r}")
