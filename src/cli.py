@@ -6,6 +6,8 @@ Flags take either spelling, `--learning-rate` or `--learning_rate`: the second i
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -53,8 +55,46 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
+    from .urls import scrub
+
+    line = f"error: {scrub(str(exc))}"  # a library may have echoed a URL it was given
+    click.echo(line, err=True)
+    mark_project_run_failed(line)
     sys.exit(2)
+
+
+def mark_project_run_failed(line: str) -> None:
+    """`mlflow run` creates the run before this process starts: a refused input ends it FAILED with the
+    reason as its description and an `error` tag, so the UI says why the run is empty."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    # Exiting anyway: one short try, not MLflow's minutes of retries against a server that is gone.
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    import mlflow
+
+    with contextlib.suppress(Exception):
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, "mlflow.note.content", line)
+        client.set_tag(run_id, "error", line.removeprefix("error: "))
+        client.set_terminated(run_id, "FAILED")
+
+
+def move_tracking_credentials() -> None:
+    """MLflow prints its tracking URI ("View run ... at: <uri>"): a user:password written into
+    MLFLOW_TRACKING_URI moves to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which MLflow's
+    client sends as HTTP basic auth and never prints. Variables already set win."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return
+    from .urls import without_credentials
+
+    bare, user, password = without_credentials(uri)
+    if password is None:
+        return
+    os.environ["MLFLOW_TRACKING_URI"] = bare
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user or "")
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
 
 
 def build_config(values: dict[str, Any]) -> RunConfig:
@@ -99,6 +139,7 @@ def quiet_libraries() -> None:
 
 def main(command: click.Command, prog_name: str) -> None:
     """Run a command; a usage error becomes one `error:` line (click's default prints three)."""
+    move_tracking_credentials()
     try:
         command.main(args=normalize_argv(sys.argv[1:]), prog_name=prog_name, standalone_mode=False)
     except click.UsageError as exc:

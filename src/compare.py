@@ -274,6 +274,19 @@ def scatter_chart(table, metric: str = "accuracy"):
     return fig
 
 
+def check_output_dir(cc: CompareConfig) -> None:
+    """The report goes into a folder of its own: anything else there (a `.env`, a venv, the MLflow
+    store under `--output-dir .`) is refused unless --overwrite, and is never logged either way."""
+    folder = Path(cc.output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output-dir {cc.output_dir!r} is a file; name a folder")
+    stray = sorted(p.name for p in folder.iterdir() if p.name not in FILES) if folder.is_dir() else []
+    if stray and not cc.overwrite:
+        shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+        raise ConfigError(f"--output-dir {cc.output_dir!r} holds other files ({shown}); name a new or empty folder, "
+                          f"or pass --overwrite true to write compare's files beside them (they are never logged)")
+
+
 def write_report(table, folder: Path) -> list[Path]:
     import matplotlib
 
@@ -291,7 +304,7 @@ def write_report(table, folder: Path) -> list[Path]:
     return [folder / name for name in FILES]
 
 
-def log_report(cc: CompareConfig, folder: Path, table, experiment_id: str) -> str:
+def log_report(cc: CompareConfig, files: list[Path], table, experiment_id: str) -> str:
     """A `compare` run holding the report; it carries no `strategy` tag, so it is never compared itself."""
     import mlflow
 
@@ -302,7 +315,8 @@ def log_report(cc: CompareConfig, folder: Path, table, experiment_id: str) -> st
         existing = mlflow.MlflowClient().get_run(run.info.run_id).data.params  # `mlflow run -P` logged some
         params = {**{f.name: getattr(cc, f.name) for f in COMPARE_FIELDS}, "compared_runs": len(table)}
         mlflow.log_params({k: str(v) for k, v in params.items() if k not in existing})
-        mlflow.log_artifacts(str(folder), "compare")
+        for path in files:  # the files it wrote, never the folder: it may hold other things
+            mlflow.log_artifact(str(path), "compare")
         mlflow.log_table(table.drop(columns=["experiment_id"]), "compare/results.json")
         return run.info.run_id
 
@@ -313,8 +327,7 @@ def compare(**values: Any) -> None:
     """Results table (Markdown, CSV) and charts of tracked full/LoRA runs, logged as a `compare` run."""
     try:
         cc = CompareConfig(**values)
-        if Path(cc.output_dir).exists() and not Path(cc.output_dir).is_dir():
-            raise ConfigError(f"--output-dir {cc.output_dir!r} is a file; name a folder")
+        check_output_dir(cc)
         from .tracking import check_reachable
 
         check_reachable()
@@ -324,8 +337,8 @@ def compare(**values: Any) -> None:
         return
     table = results_table(runs, champion_runs(cc.registered_model_name))
     folder = Path(cc.output_dir)
-    write_report(table, folder)
-    run_id = log_report(cc, folder, table, experiment_id)
+    files = write_report(table, folder)
+    run_id = log_report(cc, files, table, experiment_id)
     click.echo(markdown(table))
     click.echo(f"{len(table)} run(s) -> {folder}/ ({', '.join(FILES)}); logged to run {run_id}")
 

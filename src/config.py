@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,12 @@ class ConfigError(ValueError):
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
+
+
+def _check_seed(name: str, value: int) -> None:
+    """NumPy and scikit-learn take seeds in [0, 2**32) and fail with a traceback otherwise."""
+    if not 0 <= value < 2**32:
+        raise ConfigError(f"--{name.replace('_', '-')} must be an integer from 0 to {2**32 - 1}, got {value}")
 
 
 @dataclass
@@ -68,6 +75,10 @@ class DataConfig:
             raise ConfigError(f"--empty-texts must be one of {', '.join(EMPTY_TEXTS)}, got {self.empty_texts!r}")
         if not self.text_column or not self.label_column:
             raise ConfigError("--text-column and --label-column must not be empty")
+        if self.text_column == self.label_column:
+            raise ConfigError(f"--text-column and --label-column both name column {self.text_column!r}; the label "
+                              f"needs its own column")
+        _check_seed("split_seed", self.split_seed)
 
 
 @dataclass
@@ -172,6 +183,7 @@ class TrainConfig:
             raise ConfigError(f"--max-grad-norm must be >= 0 (0 = off), got {self.max_grad_norm}")
         if self.checkpoint_steps < 0:
             raise ConfigError(f"--checkpoint-steps must be >= 0, got {self.checkpoint_steps}")
+        _check_seed("seed", self.seed)
         if self.early_stopping_patience < 0:
             raise ConfigError(f"--early-stopping-patience must be >= 0, got {self.early_stopping_patience}")
         if self.class_weights not in ("", "balanced"):
@@ -203,6 +215,8 @@ class TrackingConfig:
                                "refused with HTTP 400 (0 = no limit).")
 
     def __post_init__(self) -> None:
+        if not self.experiment_name.strip():
+            raise ConfigError("--experiment-name must not be empty; name the MLflow experiment, e.g. imdb-sentiment")
         name = self.registered_model_name
         if name and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", name):
             raise ConfigError(f"--registered-model-name may hold letters, digits, '_', '-', '.', got {name!r}")
@@ -235,8 +249,9 @@ class TuneConfig:
     n_trials: int = _opt(20, "Finished trials (complete or pruned) the study should reach, counting earlier "
                          "invocations and other workers on the same storage.")
     study_name: str = _opt("imdb-lora", "Optuna study name; an existing study on the storage is resumed.")
-    storage: str = _opt("sqlite:///optuna.db", "Optuna storage: sqlite:///file.db, postgresql://..., "
-                        "mysql://..., or a journal file path ending in .log.")
+    storage: str = _opt("", "Optuna storage: sqlite:///file.db, postgresql://..., mysql://..., or a journal file "
+                        "path ending in .log; empty = $OPTUNA_STORAGE, else sqlite:///optuna.db. A URL holding a "
+                        "password belongs in OPTUNA_STORAGE (not in this flag, and never in `mlflow run -P`).")
     sampler_seed: int = _opt(42, "Seed of the TPE sampler.")
     pruner: str = _opt("median", "Stops hopeless trials from their per-epoch validation metric.", choices=PRUNERS)
     search_space: str = _opt("", "YAML file with any of the keys below (lora_r_choices, ...); overrides the flags.")
@@ -267,10 +282,17 @@ class TuneConfig:
             raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
         if self.heartbeat_interval < 1:
             raise ConfigError(f"--heartbeat-interval must be at least 1 second, got {self.heartbeat_interval}")
-        storage = self.storage
-        if not (storage.endswith(".log") or re.match(r"(sqlite|postgresql|mysql)(\+\w+)?://", storage)):
-            raise ConfigError(f"--storage {storage!r} is not supported; use sqlite:///file.db, postgresql://..., "
-                              f"mysql://... or a journal file ending in .log")
+        _check_seed("sampler_seed", self.sampler_seed)
+        self.storage = self.storage or os.environ.get("OPTUNA_STORAGE") or "sqlite:///optuna.db"
+        from .urls import backend, mask, unencoded_at
+
+        shown = mask(self.storage)  # also marks its password for scrubbing from any later message
+        if unencoded_at(self.storage):
+            raise ConfigError(f"--storage {shown!r} holds an unencoded '@' in its user or password; "
+                              f"percent-encode it as %40 ('/' as %2F): urllib.parse.quote(password, safe='')")
+        if not (self.storage.endswith(".log") or backend(self.storage) in ("sqlite", "postgresql", "mysql")):
+            raise ConfigError(f"--storage {shown!r} is not supported; use sqlite:///file.db, "
+                              f"postgresql://..., mysql://... or a journal file ending in .log")
         if self.search_space:
             self._apply_yaml(self.search_space)
         self.space()  # validates every range now, before any trial
@@ -332,6 +354,8 @@ class CompareConfig:
     output_dir: str = _opt("compare", "Folder for results.md, results.csv and the charts (also logged to MLflow).")
     registered_model_name: str = _opt("imdb-sentiment", "Registered model whose champion is marked in the table "
                                       "and charts, if it exists.")
+    overwrite: bool = _opt(False, "Write into an --output-dir that holds other files: compare's own files are "
+                           "replaced, the others left alone and never logged.", type=bool)
 
     def __post_init__(self) -> None:
         if not self.output_dir:

@@ -40,6 +40,7 @@ def preflight(cfg: RunConfig):
     from .modeling import (
         attention_dropout_override,
         check_targets,
+        check_weights,
         length_limit,
         load_config,
         load_tokenizer,
@@ -58,6 +59,7 @@ def preflight(cfg: RunConfig):
         check_registration(cfg.tracking.registered_model_name, splits.labels)
     tokenizer = load_tokenizer(cfg.model.model)
     config = load_config(cfg.model.model)
+    check_weights(cfg.model.model)
     limit = length_limit(config, tokenizer)
     if cfg.data.max_length > limit:
         raise ConfigError(f"--max-length {cfg.data.max_length} exceeds what {cfg.model.model!r} takes ({limit} "

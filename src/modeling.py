@@ -87,6 +87,21 @@ def load_config(name: str):
         raise ConfigError(f"could not load the model config of {name!r} ({str(exc).splitlines()[0]})") from exc
 
 
+def check_weights(name: str) -> None:
+    """A local model folder must hold safetensors weights: models load from safetensors only (a
+    pickled pytorch_model.bin can run code when read), and finding that out when the weights load
+    would leave a FAILED run behind. Hub names are checked by the load itself."""
+    from pathlib import Path
+
+    folder = Path(name)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    found = f" (found {', '.join(pickled)}: pickled weights are never loaded)" if pickled else ""
+    raise ConfigError(f"model folder {name!r} has no safetensors weights{found}; save the model with "
+                      f"save_pretrained(), which writes model.safetensors, from a copy you trust")
+
+
 def length_limit(config, tokenizer) -> int:
     """The longest input the model takes: the tokenizer's limit where it states one (RoBERTa's
     514 positions hold 512 tokens), else the position table."""

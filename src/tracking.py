@@ -95,9 +95,9 @@ def _check_writable(path: Path, what: str) -> None:
 
 def redact(uri: str) -> str:
     """Passwords in URLs never reach params, tags or messages."""
-    import re
+    from .urls import mask
 
-    return re.sub(r"//([^:/@]+):[^@/]+@", r"//\1:***@", uri)
+    return mask(uri)
 
 
 class MetricsRefused(ConfigError):
@@ -217,7 +217,9 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
         opened = _opened(active, outer)
         if opened is not None:  # without a run of ours, log_text would start one
             with contextlib.suppress(Exception):
-                mlflow.log_text(traceback.format_exc(), "error/traceback.txt")
+                from .urls import scrub
+
+                mlflow.log_text(scrub(traceback.format_exc()), "error/traceback.txt")
         _close(opened, "FAILED")
         raise
     else:

@@ -2,8 +2,8 @@
 
     python -m src.tune --n-trials 30
     python -m src.tune --n-trials 30 --study-name imdb-lora --storage sqlite:///optuna.db   # resumable
-    python -m src.tune --storage postgresql://.../optuna --study-name team-search &        # N workers
-    mlflow run . -e tune -P n_trials=30
+    OPTUNA_STORAGE=postgresql://user@db/optuna python -m src.tune --study-name team-search &   # N workers
+    mlflow run . -e tune -P n_trials=30      # storage from OPTUNA_STORAGE: never an MLflow parameter
 
 One parent MLflow run per invocation; each trial is a nested run with the same params, metrics and
 artifacts as a `lora` run. Trials are ranked on validation only; the test split is seen once, by
@@ -29,6 +29,9 @@ TUNE_FIELDS = dataclasses.fields(TuneConfig)
 # Sampled per trial, so not options here: fix one by giving its search a single value.
 SEARCHED = ("strategy", "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 TUNE_DEFAULTS = {"registered_model_name": "imdb-sentiment", "experiment_name": "imdb-sentiment-tuning"}
+# Not MLproject parameters: `mlflow run` logs and prints every -P value, and a storage URL may hold a
+# password. Under `mlflow run` the storage comes from OPTUNA_STORAGE.
+NOT_IN_PROJECT = ("storage",)
 
 
 def make_storage(tc: TuneConfig):
@@ -46,7 +49,10 @@ def make_storage(tc: TuneConfig):
                           grace_period=2 * tc.heartbeat_interval,
                           failed_trial_callback=RetryFailedTrialCallback(max_retry=0))
     except Exception as exc:  # noqa: BLE001 - a missing driver, a bad URL, a refused connection: one line
-        raise ConfigError(f"cannot open Optuna storage {tc.storage!r} ({str(exc).splitlines()[0]})") from exc
+        from .urls import mask, scrub
+
+        reason = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise ConfigError(f"cannot open Optuna storage {mask(tc.storage)!r} ({reason})") from None
 
 
 def make_pruner(name: str):
@@ -93,15 +99,17 @@ def trial_config(base: RunConfig, params: dict[str, Any], number: int) -> RunCon
     return cfg
 
 
-def close_orphans(client, experiment_id: str, study, study_name: str) -> int:
+def close_orphans(client, experiment_id: str, study, study_name: str, storage_id: str) -> int:
     """MLflow runs of this study left RUNNING by a killed worker: trials that Optuna no longer runs,
-    and parent runs whose process on this host is gone. Marked KILLED."""
+    and parent runs whose process on this host is gone. Marked KILLED. Only runs of this study on this
+    storage (`optuna.storage_id`): a study of the same name elsewhere has trial numbers of its own."""
     import optuna
 
     running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
     closed = 0
     runs = client.search_runs([experiment_id],
-                              f"tags.`optuna.study` = '{study_name}' and attributes.status = 'RUNNING'")
+                              f"tags.`optuna.study` = '{study_name}' and tags.`optuna.storage_id` = '{storage_id}' "
+                              f"and attributes.status = 'RUNNING'")
     parents = {r.info.run_id for r in runs if "optuna.trial" not in r.data.tags}
     for r in runs:
         tags = r.data.tags
@@ -136,6 +144,7 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
 
     from . import registry, tracking
     from .experiment import prepare
+    from .urls import identity, mask
 
     space = tc.space()
     # Trials write no checkpoints (see trial_config), so no checkpoint folder is checked for them.
@@ -161,7 +170,7 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
     stored = [d.name.lower() for d in study.directions]
     if stored != wanted:
         # load_if_exists keeps the stored directions: every new trial would end FAIL after training.
-        raise ConfigError(f"study {tc.study_name!r} on {tracking.redact(tc.storage)} optimizes {len(stored)} "
+        raise ConfigError(f"study {tc.study_name!r} on {mask(tc.storage)} optimizes {len(stored)} "
                           f"objective(s) ({', '.join(stored)}), this command {len(wanted)} "
                           f"({', '.join(wanted)}); use the same --objectives and --selection-metric or another "
                           f"--study-name")
@@ -170,14 +179,19 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
     client = mlflow.MlflowClient()
 
     study_settings = {f.name: getattr(tc, f.name) for f in TUNE_FIELDS}
-    study_settings["storage"] = tracking.redact(tc.storage)
+    study_settings["storage"] = mask(tc.storage)
+    storage_id = identity(tc.storage)  # runs name their storage by hash: never the URL, masked or not
     with tracking.run(base, name=f"study-{tc.study_name}",
-                      tags={"optuna.study": tc.study_name, "tune.host": socket.gethostname(),
-                            "tune.pid": str(os.getpid()), "strategy": "search"}) as parent:
-        closed = close_orphans(client, parent.info.experiment_id, study, tc.study_name)
+                      tags={"optuna.study": tc.study_name, "optuna.storage_id": storage_id,
+                            "tune.host": socket.gethostname(), "tune.pid": str(os.getpid()),
+                            "strategy": "search"}) as parent:
+        closed = close_orphans(client, parent.info.experiment_id, study, tc.study_name, storage_id)
         if closed:
             click.echo(f"marked {closed} MLflow run(s) of a killed worker as KILLED", err=True)
         existing = client.get_run(parent.info.run_id).data.params
+        if mask(existing.get("storage", "")) != existing.get("storage", ""):  # `mlflow run -P storage=...`
+            click.echo("warning: MLflow logged the storage URL with its password as parameter `storage` of this "
+                       "run; change that password, and pass the URL in OPTUNA_STORAGE next time", err=True)
         mlflow.log_params({k: str(v) for k, v in {**study_settings, "search_space": json.dumps(space),
                                                    "selection_metric": metric, "direction": direction,
                                                    "cost_objective": cost}.items()
@@ -197,7 +211,8 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
             def remember(run_id: str) -> None:
                 trial.set_user_attr("mlflow_run_id", run_id)
 
-            tags = {"optuna.study": tc.study_name, "optuna.trial": str(trial.number), "optuna.state": "RUNNING"}
+            tags = {"optuna.study": tc.study_name, "optuna.storage_id": storage_id, "optuna.trial": str(trial.number),
+                    "optuna.state": "RUNNING"}
             out = run_and_tag(tcfg, tags, remember, report, trial)
             if not multi:
                 return out.val[metric]
@@ -228,7 +243,8 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
                     # interrupted between creating its run and reporting the id: find the run by its tags
                     r.info.run_id for r in client.search_runs(
                         [parent.info.experiment_id],
-                        f"tags.`optuna.study` = '{tc.study_name}' and tags.`optuna.trial` = '{trial.number}'")]
+                        f"tags.`optuna.study` = '{tc.study_name}' and tags.`optuna.storage_id` = '{storage_id}' "
+                        f"and tags.`optuna.trial` = '{trial.number}'")]
                 for run_id in run_ids:
                     client.set_tag(run_id, "optuna.state", state)
 

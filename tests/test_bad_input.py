@@ -1,15 +1,21 @@
 """Bad input: one clear `error:` line, non-zero exit, before training, and no MLflow run left behind."""
 
+import shutil
+
 import mlflow
 import pytest
 
 from tests.builders import sentiment_frame
 from tests.conftest import free_port, run_cli
+from tests.test_end_to_end import mlflow_run
 
 
 @pytest.fixture(scope="module")
-def bad_files(tmp_path_factory):
+def bad_files(tmp_path_factory, distilbert_dir):
     d = tmp_path_factory.mktemp("bad")
+    shutil.copytree(distilbert_dir, d / "bin-only")  # weights only as a pickle, which is never loaded
+    (d / "bin-only" / "model.safetensors").unlink()
+    (d / "bin-only" / "pytorch_model.bin").write_bytes(b"not loaded, so never unpickled")
     good = sentiment_frame(60)
     good.to_parquet(d / "train.parquet")
     good.head(20).to_parquet(d / "test.parquet")
@@ -46,6 +52,12 @@ CASES = {
     "promotion alpha out of range": (["--promotion-alpha", "2"], "--promotion-alpha must be between 0 and 1"),
     "checkpoint folder is a file": (["--checkpoint-dir", "{d}/notes.txt"], "is not a folder"),
     "deleted experiment": (["--experiment-name", "bad-deleted experiment"], "is deleted; restore it with"),
+    "one column as text and label": (["--label-column", "text"], "both name column 'text'"),
+    "negative split seed": (["--split-seed", "-1"], "--split-seed must be an integer from 0 to 4294967295"),
+    "negative seed": (["--seed", "-5"], "--seed must be an integer from 0 to 4294967295"),
+    "empty experiment name": (["--experiment-name", ""], "--experiment-name must not be empty"),
+    "model folder without safetensors": (["--model", "{d}/bin-only"], "has no safetensors weights (found "
+                                         "pytorch_model.bin"),
 }
 
 
@@ -72,6 +84,19 @@ def test_bad_input_fails_fast_and_cleanly(name, bad_files, distilbert_dir, track
         assert not tracking.search_runs([experiment.experiment_id], run_view_type=mlflow.entities.ViewType.ALL)
     else:
         assert experiment is None  # nothing created in MLflow
+
+
+def test_refused_input_under_mlflow_run_ends_that_run_failed_with_the_reason(tracking, bad_files, tmp_path):
+    """`mlflow run` creates the run before the command starts; the refusal must not leave it
+    RUNNING or failed without a word: the UI shows the error line as the run's description."""
+    params = {"model": bad_files / "bin-only", "train_data": bad_files / "train.parquet",
+              "test_data": bad_files / "test.parquet", "seed": -1}
+    proc = mlflow_run("lora", params, "bad-project-run", cwd=tmp_path)
+    line = "error: --seed must be an integer from 0 to 4294967295, got -1"
+    assert proc.returncode != 0 and line in proc.stderr, proc.stderr[-2000:]
+    [run] = tracking.search_runs([tracking.get_experiment_by_name("bad-project-run").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["mlflow.note.content"] == line and run.data.tags["error"] == line.removeprefix("error: ")
 
 
 def test_checkpoint_from_before_a_new_setting_still_resumes():

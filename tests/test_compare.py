@@ -128,6 +128,31 @@ def test_bad_selection_is_one_clear_error(tracking, three_runs, tmp_path, args, 
     assert not (tmp_path / "out").exists() and len(compare_runs(tracking, EXPERIMENT)) == before
 
 
+def test_output_dir_holding_other_files_is_refused_and_they_are_never_logged(tracking, three_runs, tmp_path):
+    from src.compare import FILES
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / ".env").write_text("API_TOKEN=not-for-mlflow\n")
+    before = {r.info.run_id for r in compare_runs(tracking, EXPERIMENT)}
+    refused = compare_cli("--experiment-name", EXPERIMENT, "--output-dir", str(out))
+    lines = [ln for ln in refused.stderr.splitlines() if ln.strip()]
+    assert refused.returncode == 2 and lines[-1].startswith("error: "), refused.stderr[-2000:]
+    assert "holds other files (.env)" in lines[-1] and "--overwrite true" in lines[-1]
+    assert [p.name for p in out.iterdir()] == [".env"] and {r.info.run_id for r in compare_runs(
+        tracking, EXPERIMENT)} == before
+    written = compare_cli("--experiment-name", EXPERIMENT, "--output-dir", str(out), "--overwrite", "true")
+    assert written.returncode == 0, written.stderr[-2000:]
+    [run] = [r for r in compare_runs(tracking, EXPERIMENT) if r.info.run_id not in before]
+    assert sorted(artifact_paths(tracking, run.info.run_id)) == sorted(
+        [f"compare/{f}" for f in FILES] + ["compare/results.json"])
+    assert (out / ".env").read_text() == "API_TOKEN=not-for-mlflow\n"
+    # a folder holding only an earlier report is compare's own: the rerun refreshes it
+    (out / ".env").unlink()
+    again = compare_cli("--experiment-name", EXPERIMENT, "--output-dir", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
 def test_compare_entry_point_of_the_project(tracking, three_runs, tmp_path):
     proc = mlflow_run("compare", {"experiment_name": EXPERIMENT, "output_dir": tmp_path / "out"}, "compare-project",
                       cwd=tmp_path)

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,6 +111,31 @@ def test_pruning_prunes_a_bad_region(tracking, distilbert_dir, data_files, tmp_p
         run = runs[str(t.number)]
         assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "PRUNED"
         assert len(tracking.get_metric_history(run.info.run_id, "val/loss")) < 3
+
+
+def test_orphan_sweep_spares_a_live_trial_of_the_same_study_name_on_another_storage(tracking, tmp_path):
+    """Two teams, one study name, two storages: trial numbers mean different trials, so a sweep
+    closes only runs of its own storage."""
+    from src.tune import close_orphans
+    from src.urls import identity
+
+    mine, theirs = f"sqlite:///{tmp_path}/mine.db", f"sqlite:///{tmp_path}/theirs.db"
+    live = optuna.create_study(study_name="same", storage=theirs)
+    trial = live.ask()  # RUNNING in their storage, not in mine
+    experiment = tracking.create_experiment("tune-two-storages")
+    tags = {"optuna.study": "same", "optuna.storage_id": identity(theirs)}
+    parent = tracking.create_run(experiment, tags={**tags, "tune.host": socket.gethostname(),
+                                                   "tune.pid": str(os.getpid())})
+    child = tracking.create_run(experiment, tags={**tags, "optuna.trial": str(trial.number),
+                                                  "mlflow.parentRunId": parent.info.run_id}).info.run_id
+    sweep = optuna.create_study(study_name="same", storage=mine)
+    assert close_orphans(tracking, experiment, sweep, "same", identity(mine)) == 0
+    assert tracking.get_run(child).info.status == "RUNNING"
+    # their own sweep closes it once their storage no longer runs the trial (its worker was killed)
+    live.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert close_orphans(tracking, experiment, live, "same", identity(theirs)) == 1
+    assert tracking.get_run(child).info.status == "KILLED"
+    assert tracking.get_run(parent.info.run_id).info.status == "RUNNING"  # its process (this one) lives
 
 
 def tune_cmd(model_dir, data_files, storage, study, experiment, n_trials, extra=()):
