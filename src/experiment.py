@@ -154,7 +154,8 @@ def _run_experiment(cfg: RunConfig, held, *, nested: bool = False, tags: dict[st
             "world_size": dist.world, "global_batch_size": cfg.train.batch_size * dist.world,
         }, resumed=bool(resume_id), tokenizer=tokenizer)
         pad_id = tokenizer.pad_token_id
-        logger = tracking.MlflowLogger(run_id, tracking.logged_steps(run_id) if resume_id else None)
+        logger = tracking.MlflowLogger(run_id, tracking.logged_steps(run_id) if resume_id else None,
+                                       resumable=saver is not None)
         result = fit(model, encoded["train"], encoded["val"], cfg.train, cfg.learning_rate, len(splits.labels),
                      pad_id, logger=logger, on_epoch=on_epoch, dist=dist, checkpointer=saver, resume=state)
         mlflow.log_metrics({**throughput(result), "best_epoch": result.best_epoch})

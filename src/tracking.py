@@ -118,10 +118,11 @@ class MlflowLogger:
     `logged` (key -> steps the server holds) keeps each step once when a resumed run repeats the
     steps after its checkpoint, and fills the gaps a refused batch left."""
 
-    def __init__(self, run_id: str, logged: dict[str, set[int]] | None = None) -> None:
+    def __init__(self, run_id: str, logged: dict[str, set[int]] | None = None, resumable: bool = True) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.run_id = run_id
+        self.resumable = resumable  # checkpoints are written, so `--resume-run-id` can redo the refused steps
         self.logged = logged or {}
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")  # in order, one at a time
         self._pending: list[tuple[int, Any]] = []  # (step, future), oldest first
@@ -156,10 +157,11 @@ class MlflowLogger:
         steps = sorted({step for step, _ in refused})
         which = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
         reason = redact(str(refused[0][1]).splitlines()[0])[:300]
-        raise MetricsRefused(f"the tracking server refused the metrics of {which} of run "
-                             f"{self.run_id} after MLflow's retries ({reason}); the run ends FAILED and its "
-                             f"checkpoint claims no step from there on: resume it with --resume-run-id "
-                             f"{self.run_id} once the server takes requests again")
+        then = (f"its checkpoint claims no step from there on: resume it with --resume-run-id {self.run_id} once "
+                f"the server takes requests again" if self.resumable else
+                "it wrote no checkpoints (--checkpoint-dir ''): start it again once the server takes requests")
+        raise MetricsRefused(f"the tracking server refused the metrics of {which} of run {self.run_id} after "
+                             f"MLflow's retries ({reason}); the run ends FAILED and {then}")
 
 
 def logged_steps(run_id: str) -> dict[str, set[int]]:

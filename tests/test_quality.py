@@ -159,8 +159,9 @@ def test_calibrated_weighted_run_is_logged_served_and_guarded(tracking, distilbe
     # a model folder whose label map or tokenizer differs from what training recorded refuses to load
     folder = next(Path(mlflow.artifacts.download_artifacts("models:/calibrated-tiny/1", dst_path=str(tmp_path / "m")))
                   .rglob("config.json")).parent
-    TextClassifier().load(str(folder), 128, labels=["0", "1"], tokenizer_hash=tags["tokenizer.hash"])
+    TextClassifier().load(str(folder), {"max_length": 128, "labels": ["0", "1"],
+                                        "tokenizer_hash": tags["tokenizer.hash"]})
     with pytest.raises(ValueError, match=r"has labels \['0', '1'\], its training recorded \['neg', 'pos'\]"):
-        TextClassifier().load(str(folder), 128, labels=["neg", "pos"])
+        TextClassifier().load(str(folder), {"max_length": 128, "labels": ["neg", "pos"]})
     with pytest.raises(ValueError, match="is not the one this model was trained with"):
-        TextClassifier().load(str(folder), 128, tokenizer_hash="0" * 16)
+        TextClassifier().load(str(folder), {"max_length": 128, "tokenizer_hash": "0" * 16})
