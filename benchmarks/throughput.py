@@ -169,6 +169,24 @@ def run_eval(df, tokenizer, device, batch_size: int) -> dict:
     return {"samples": len(ev.labels), "seconds": seconds}
 
 
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name (platform.processor() is empty on most Linux systems)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_hardware(device) -> str:
+    import torch
+
+    cpu = f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
+    return f"{torch.cuda.get_device_name()} with {cpu}" if device.type == "cuda" else cpu
+
+
 def describe(name: str, r: dict) -> str:
     sps = r["samples"] / r["seconds"]
     pad = 1 - r["real_tokens"] / r["padded_tokens"]
@@ -210,16 +228,15 @@ def main() -> None:
     import torch
     import transformers
 
-    from src.loop import pick_device
+    from src.loop import cpu_bf16_facts, pick_device, precision_choice
 
     transformers.logging.set_verbosity_error()
     device = pick_device()
-    if device.type == "cuda":
-        hardware = torch.cuda.get_device_name()
-    else:
-        hardware = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    hardware = describe_hardware(device)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {hardware}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
+    dtype, reason = precision_choice("auto", device)
+    print(f"# precision=auto -> {str(dtype).split('.')[-1]} ({reason}); CPU flags {cpu_bf16_facts()}")
     print(f"# command: python {' '.join(sys.argv)}")
     from src.data import tokenize
 

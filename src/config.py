@@ -127,8 +127,8 @@ class TrainConfig:
     lr_scheduler: str = _opt("linear", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
     gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
-    precision: str = _opt("auto", "auto = bf16 on GPUs and CPUs that support it natively, else fp16 on GPU, "
-                          "fp32 on CPU.",
+    precision: str = _opt("auto", "auto = bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX), "
+                          "else fp16 on GPU, fp32 on CPU.",
                           choices=PRECISIONS)
     seed: int = _opt(42, "Seed for initialisation, dropout and batch order.")
     selection_metric: str = _opt("accuracy", "Validation metric that picks the best epoch and early-stops.",

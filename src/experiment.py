@@ -113,7 +113,7 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
     import mlflow
 
     from . import checkpoint, tracking
-    from .loop import fit, pick_device, predict, resolve_precision, seed_everything, throughput
+    from .loop import fit, pick_device, precision_choice, predict, seed_everything, throughput
     from .modeling import build_model, count_params, servable
 
     resume_id = cfg.tracking.resume_run_id
@@ -134,11 +134,12 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
                             cfg.model.attention_dropout)
         counts = count_params(model)
         device = pick_device()
-        dtype = resolve_precision(cfg.train.precision, device)
+        dtype, precision_reason = precision_choice(cfg.train.precision, device)
         contract = tracking.log_setup(cfg, splits, {
             "trainable_params": counts.trainable, "total_params": counts.total,
             "trainable_pct": round(counts.pct, 4), "device": device.type, "compute_dtype": str(dtype).split(".")[-1],
-            "world_size": dist.world, "global_batch_size": cfg.train.batch_size * dist.world,
+            "precision_reason": precision_reason, "world_size": dist.world,
+            "global_batch_size": cfg.train.batch_size * dist.world,
         }, resumed=bool(resume_id), tokenizer=tokenizer)
         pad_id = tokenizer.pad_token_id
         logger = tracking.MlflowLogger(tracking.last_steps(run_id) if resume_id else None)

@@ -99,20 +99,49 @@ def pick_device() -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return precision_choice(precision, device)[0]
 
 
-def cpu_has_bf16() -> bool:
-    """CPUs with native bf16 dot products (AVX512-BF16, AMX) train faster under bf16 autocast
-    (about 1.4x on a Zen 4 core for DistilBERT); elsewhere bf16 is emulated and slower than fp32."""
+def precision_choice(precision: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The compute dtype and why it was chosen (logged beside the run's `compute_dtype`)."""
+    if precision != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision], "set"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "GPU with bf16"
+        return torch.float16, "GPU without bf16"
+    name, reason = auto_cpu_precision(cpu_bf16_facts())
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name], reason
+
+
+def cpu_bf16_facts() -> dict[str, bool]:
+    """The CPU flags that decide `auto` there. `torch.ops.mkldnn._is_mkldnn_bf16_supported()`
+    answers True on any AVX-512 CPU, also where bf16 is only emulated (STACK_NOTES); these do not."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        caps = {}
+    native = bool(caps.get("avx512_bf16")) or _avx512_bf16()
+    return {"avx512_bf16": native, "amx_bf16": bool(caps.get("amx_bf16")), "avx512_f": bool(caps.get("avx512_f"))}
+
+
+def _avx512_bf16() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def auto_cpu_precision(facts: dict[str, bool]) -> tuple[str, str]:
+    """bf16 autocast only where the CPU has bf16 dot products (AVX512-BF16 or AMX): about 1.4x
+    faster than fp32 on a Zen 4 core; where bf16 is emulated (Skylake-SP's AVX-512) a DistilBERT-size
+    step took 2.7x longer than fp32 (STACK_NOTES)."""
+    native = [flag for flag in ("amx_bf16", "avx512_bf16") if facts.get(flag)]
+    if native:
+        return "bf16", f"CPU with native bf16 ({', '.join(native)})"
+    if facts.get("avx512_f"):
+        return "fp32", "CPU bf16 only emulated (AVX-512 without AVX512-BF16/AMX)"
+    return "fp32", "CPU without bf16"
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """The loop itself, tracking off (NullLogger)."""
 
+import pytest
+
 from src.config import DataConfig, LoraConfig, TrainConfig
 from src.data import load_splits, tokenize
 from src.loop import fit, seed_everything
@@ -86,3 +88,27 @@ def test_default_training_step_uses_fused_attention(distilbert_dir, bert_dir):
         assert any("flash_attention" in op for op in fused), fused
         assert not any("math" in op for op in fused), fused
         assert any("math" in op for op in _attention_ops(model_dir, 0.1))  # the check can fail
+
+
+@pytest.mark.parametrize("facts, chosen, why", [
+    ({"avx512_f": True, "avx512_bf16": True, "amx_bf16": False}, "bf16", "avx512_bf16"),
+    ({"avx512_f": True, "avx512_bf16": True, "amx_bf16": True}, "bf16", "amx_bf16"),
+    ({"avx512_f": True, "avx512_bf16": False, "amx_bf16": False}, "fp32", "emulated"),
+    ({"avx512_f": False, "avx512_bf16": False, "amx_bf16": False}, "fp32", "without bf16"),
+])
+def test_auto_precision_on_cpu_is_bf16_only_where_native(facts, chosen, why):
+    from src.loop import auto_cpu_precision
+
+    name, reason = auto_cpu_precision(facts)
+    assert name == chosen and why in reason
+
+
+def test_auto_precision_on_this_cpu_follows_its_flags():
+    import torch
+
+    from src.loop import cpu_bf16_facts, precision_choice
+
+    facts = cpu_bf16_facts()
+    dtype, reason = precision_choice("auto", torch.device("cpu"))
+    assert (dtype == torch.bfloat16) == (facts["avx512_bf16"] or facts["amx_bf16"]), (facts, reason)
+    assert precision_choice("fp32", torch.device("cpu")) == (torch.float32, "set")
