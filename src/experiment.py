@@ -113,7 +113,7 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
     import mlflow
 
     from . import checkpoint, tracking
-    from .loop import fit, pick_device, precision_choice, predict, seed_everything, throughput
+    from .loop import Shapes, fit, pick_device, precision_choice, predict, seed_everything, throughput
     from .modeling import build_model, count_params, servable
 
     resume_id = cfg.tracking.resume_run_id
@@ -160,7 +160,8 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
         if evaluate_test:
             # The test split is touched once, after model selection on validation.
             test_ev = predict(model, encoded["test"], cfg.train.eval_batch_size, pad_id, device, dtype,
-                              progress="test", dist=dist)
+                              progress="test", dist=dist, shapes=Shapes(device, cfg.train.bucket_width,
+                                                                        cfg.train.compile))
             test = tracking.log_evaluation("test", test_ev, splits.labels, splits.test["text"].tolist(),
                                            lengths=encoded["test"].lengths, max_length=cfg.data.max_length,
                                            temperature=temperature)
@@ -183,7 +184,7 @@ def run_experiment(cfg: RunConfig, *, nested: bool = False, tags: dict[str, str]
 
 def _train_quietly(cfg: RunConfig, prepared: Prepared, dist, evaluate_test: bool) -> Outcome:
     """A non-zero rank: the same collective steps as rank 0 (training, validation, test), no tracking."""
-    from .loop import fit, pick_device, predict, resolve_precision, seed_everything
+    from .loop import Shapes, fit, pick_device, predict, resolve_precision, seed_everything
     from .modeling import build_model
 
     seed_everything(cfg.train.seed)
@@ -195,5 +196,6 @@ def _train_quietly(cfg: RunConfig, prepared: Prepared, dist, evaluate_test: bool
     if evaluate_test:
         device = pick_device()
         predict(model, prepared.encoded["test"], cfg.train.eval_batch_size, pad_id, device,
-                resolve_precision(cfg.train.precision, device), dist=dist)
+                resolve_precision(cfg.train.precision, device), dist=dist,
+                shapes=Shapes(device, cfg.train.bucket_width, cfg.train.compile))
     return Outcome("", result.best_val_metrics, {}, 0, 0, result.best_epoch)

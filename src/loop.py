@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .data import Encoded, collate, length_grouped_batches, sorted_batches
+from .data import Encoded, bucketed_batches, collate, length_grouped_batches, sorted_batches
 from .evaluate import Evaluation, metrics
 
 
@@ -54,6 +54,8 @@ class FitResult:
     padded_tokens_seen: int = 0
     peak_memory_mb: float = 0.0
     stopped_early: bool = False
+    warmup_seconds: float = 0.0  # steps of a batch shape seen for the first time under --compile
+    warmup_samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,16 +182,55 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n in names}
 
 
+@dataclass(frozen=True)
+class Shapes:
+    """How batches are padded and run: widths rounded up to `bucket_width` (else to 8 on GPU, for
+    tensor cores), and with `compile` the model compiled once per batch shape."""
+
+    device: torch.device
+    bucket_width: int = 0
+    compile: str = "off"
+
+    @property
+    def multiple(self) -> int:
+        return self.bucket_width or (8 if self.device.type == "cuda" else 1)
+
+    @property
+    def graphs(self) -> bool:
+        return self.compile == "reduce-overhead" and self.device.type == "cuda"
+
+    def cap(self, lengths: np.ndarray) -> int:
+        return int(lengths.max()) if self.bucket_width and len(lengths) else 0
+
+    def wrap(self, module):
+        """Wrapping again is cheap: compiled graphs are cached with the model's code, per shape."""
+        if self.compile == "off":
+            return module
+        import torch._dynamo
+
+        # One graph per (width, rows, train/eval): IMDB at 64 has 8 widths, each with a full and a
+        # short batch, in two modes; dynamo's default limit of 8 would fall back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        return torch.compile(module, mode=None if self.compile == "default" else self.compile, dynamic=False)
+
+    def step_begin(self) -> None:
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+
 def predict(model, enc: Encoded, batch_size: int, pad_id: int, device: torch.device,
-            dtype: torch.dtype, progress: str | None = None, dist: Dist = Dist()) -> Evaluation:
-    """Each process scores its share; every process gets the whole result."""
+            dtype: torch.dtype, progress: str | None = None, dist: Dist = Dist(),
+            shapes: Shapes | None = None) -> Evaluation:
+    """Each process scores its share; every process gets the whole result. `shapes` as in
+    training (the same buckets and compiled forward); None = plain eager batches."""
+    shapes = shapes or Shapes(device)
     if dist.world == 1:
-        return _predict(model, enc, batch_size, pad_id, device, dtype, progress)
+        return _predict(model, enc, batch_size, pad_id, device, dtype, progress, shapes)
     import torch.distributed as tdist
 
     mine = np.arange(dist.rank, len(enc), dist.world)
     part = _predict(model, Encoded([enc.input_ids[i] for i in mine], enc.labels[mine]), batch_size, pad_id,
-                    device, dtype, progress if dist.main else None)
+                    device, dtype, progress if dist.main else None, shapes)
     gathered: list = [None] * dist.world
     tdist.all_gather_object(gathered, (mine, part.probs, part.loss * len(mine)))
     probs = np.zeros((len(enc), part.probs.shape[1]), dtype=part.probs.dtype)
@@ -201,16 +242,20 @@ def predict(model, enc: Encoded, batch_size: int, pad_id: int, device: torch.dev
 
 @torch.inference_mode()
 def _predict(model, enc: Encoded, batch_size: int, pad_id: int, device: torch.device,
-             dtype: torch.dtype, progress: str | None = None) -> Evaluation:
+             dtype: torch.dtype, progress: str | None, shapes: Shapes) -> Evaluation:
     """Sorted by length, no gradients, logits kept on the device until one copy at the end."""
     model.eval()
+    forward = shapes.wrap(model)
     batches = sorted_batches(enc.lengths, batch_size)
+    cap = shapes.cap(enc.lengths)
     logits_parts, order = [], []
     for idx in tqdm(batches, desc=progress, disable=progress is None, mininterval=2.0):
-        ids, mask, _ = collate(enc, idx, pad_id, multiple_of=8 if device.type == "cuda" else 1)
+        ids, mask, _ = collate(enc, idx, pad_id, shapes.multiple, cap)
+        shapes.step_begin()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model(input_ids=to_device(ids, device), attention_mask=to_device(mask, device))
-        logits_parts.append(out.logits.float())
+            out = forward(input_ids=to_device(ids, device), attention_mask=to_device(mask, device))
+        # A CUDA graph's outputs are overwritten by its next replay: keep a copy.
+        logits_parts.append(out.logits.float().clone() if shapes.graphs else out.logits.float())
         order.append(idx)
     logits = torch.cat(logits_parts)
     perm = torch.from_numpy(np.concatenate(order)).to(device)
@@ -234,6 +279,36 @@ def _shard(batches: list[np.ndarray], dist: Dist) -> list[np.ndarray]:
     if dist.world == 1:
         return batches
     return [b[dist.rank::dist.world] for b in batches if len(b) >= dist.world]
+
+
+def _epoch_batches(cfg: TrainConfig, lengths: np.ndarray, dist: Dist, rng: np.random.Generator):
+    if cfg.bucket_width:
+        return _shard(bucketed_batches(lengths, cfg.bucket_width, cfg.batch_size * dist.world,
+                                       cfg.batch_tokens * dist.world, rng), dist)
+    return _shard(length_grouped_batches(lengths, cfg.batch_size * dist.world, rng), dist)
+
+
+class _WarmupClock:
+    """Times the steps that meet a batch shape for the first time: under --compile those compile,
+    and steady-state throughput leaves them out."""
+
+    def __init__(self, result: FitResult, shapes: Shapes):
+        self.result, self.on, self.seen = result, shapes.compile != "off", set()
+
+    @contextlib.contextmanager
+    def step(self, shape: tuple, n: int, device: torch.device):
+        if not self.on or shape in self.seen:
+            yield
+            return
+        self.seen.add(shape)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.result.warmup_seconds += time.perf_counter() - t0
+        self.result.warmup_samples += n
 
 
 def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: float, n_classes: int,
@@ -267,8 +342,9 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
     lengths = train.lengths
     weights = cfg.loss_weights(np.bincount(train.labels, minlength=n_classes).tolist())
     class_weight = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
-    global_batch = cfg.batch_size * dist.world
-    n_batches = len(_shard(length_grouped_batches(lengths, global_batch, np.random.default_rng(0)), dist))
+    shapes = Shapes(device, cfg.bucket_width, cfg.compile)
+    forward = shapes.wrap(trained)
+    n_batches = len(_epoch_batches(cfg, lengths, dist, np.random.default_rng(0)))
     steps_per_epoch = math.ceil(n_batches / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=learning_rate,
@@ -276,10 +352,11 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    multiple_of = 8 if device.type == "cuda" else 1  # tensor-core friendly widths on GPU
+    cap = shapes.cap(lengths)
 
     best_state, best_val, best_metrics, best_epoch, best_score = None, None, None, 0, None
     result = FitResult(best_epoch=0, best_val=None, best_val_metrics={})  # type: ignore[arg-type]
+    clock = _WarmupClock(result, shapes)
     bad_epochs, step = 0, 0
     running = torch.zeros((), device=device)
     running_n = 0
@@ -326,19 +403,20 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
             trained.train()
             t0 = time.perf_counter()
             rng_epoch = rng.bit_generator.state
-            batches = _shard(length_grouped_batches(lengths, global_batch, rng), dist)
+            batches = _epoch_batches(cfg, lengths, dist, rng)
             start, skip = skip, 0
             bar = tqdm(range(start, len(batches)), desc=f"train epoch {epoch}/{cfg.epochs}", mininterval=2.0,
                        disable=not dist.main, initial=start, total=len(batches))
             for i in bar:
                 idx = batches[i]
-                ids, mask, y = collate(train, idx, pad_id, multiple_of)
+                ids, mask, y = collate(train, idx, pad_id, shapes.multiple, cap)
                 stepping = (i + 1) % cfg.gradient_accumulation_steps == 0 or i + 1 == len(batches)
                 # DDP all-reduces gradients only on the micro-step that updates the weights.
                 sync = contextlib.nullcontext() if stepping or dist.world == 1 else trained.no_sync()
-                with sync:
+                shapes.step_begin()
+                with clock.step(tuple(ids.shape), len(idx), device), sync:
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                        logits = trained(input_ids=to_device(ids, device),
+                        logits = forward(input_ids=to_device(ids, device),
                                          attention_mask=to_device(mask, device)).logits
                     loss = F.cross_entropy(logits.float(), to_device(y, device), weight=class_weight)
                     scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
@@ -378,7 +456,7 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
             result.train_seconds += time.perf_counter() - t0
 
             val_ev = predict(model, val, cfg.eval_batch_size, pad_id, device, dtype,
-                             progress=f"validate epoch {epoch}", dist=dist)
+                             progress=f"validate epoch {epoch}", dist=dist, shapes=shapes)
             val_metrics = metrics(val_ev, n_classes)
             logger.log_metrics({f"val/{k}": v for k, v in val_metrics.items() if not math.isnan(v)}, step=epoch)
             result.history.append({"epoch": epoch, **val_metrics})
@@ -417,10 +495,15 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
 
 
 def throughput(result: FitResult) -> dict[str, float]:
+    """samples/s is steady state: steps that compiled a new shape count in warmup_s alone."""
     seconds = max(result.train_seconds, 1e-9)
+    samples, steady = result.samples_seen, seconds
+    if result.samples_seen > result.warmup_samples:
+        samples, steady = result.samples_seen - result.warmup_samples, max(seconds - result.warmup_seconds, 1e-9)
     return {
         "train/runtime_s": result.train_seconds,
-        "train/samples_per_s": result.samples_seen / seconds,
+        "train/warmup_s": result.warmup_seconds,
+        "train/samples_per_s": samples / steady,
         "train/tokens_per_s": result.real_tokens_seen / seconds,
         "train/padding_fraction": 1 - result.real_tokens_seen / max(result.padded_tokens_seen, 1),
         "train/peak_memory_mb": result.peak_memory_mb,
