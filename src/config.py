@@ -133,7 +133,8 @@ class TrainConfig:
                           choices=PRECISIONS)
     bucket_width: int = _opt(0, "Pad every batch to a multiple of this many tokens (at most the longest "
                              "text), batching texts of one width together: steps take a few fixed shapes, which "
-                             "--compile needs. 0 = length-grouped batches padded to their longest text.")
+                             "--compile needs. 0 = length-grouped batches padded to their longest text "
+                             "(evaluation on a GPU still rounds widths to 64).")
     batch_tokens: int = _opt(0, "Fill each batch to this many padded tokens (rows = batch_tokens // width) instead "
                              "of --batch-size rows; needs --bucket-width. 0 = off.")
     compile: str = _opt("off", "torch.compile the model once per batch shape (needs --bucket-width) for training "

@@ -265,17 +265,25 @@ def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(enc: Encoded, idx: np.ndarray, pad_id: int, multiple_of: int = 1, cap: int = 0):
-    """Pad to the batch's longest, rounded up to `multiple_of` and at most `cap` (0 = no cap)."""
+def collate(enc: Encoded, idx: np.ndarray, pad_id: int, multiple_of: int = 1, cap: int = 0, rows: int = 0):
+    """Pad to the batch's longest, rounded up to `multiple_of` and at most `cap` (0 = no cap).
+
+    `rows` > len(idx) appends filler rows (one attended pad token, label -100, which cross-entropy
+    ignores), so a short batch has the same shape as a full one: one compiled graph per width.
+    """
     import torch
 
     seqs = [enc.input_ids[i] for i in idx]
     width = max(len(s) for s in seqs)
     width = -(-width // multiple_of) * multiple_of
     width = min(width, cap) if cap else width
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    n = max(rows, len(seqs))
+    ids = np.full((n, width), pad_id, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    mask[len(seqs):, 0] = 1  # a row with nothing to attend to would give NaN attention
     for row, s in enumerate(seqs):
         ids[row, :len(s)] = s
         mask[row, :len(s)] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(enc.labels[idx])
+    labels = np.full(n, -100, dtype=np.int64)
+    labels[:len(seqs)] = enc.labels[idx]
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)

@@ -196,26 +196,64 @@ class Shapes:
         return self.bucket_width or (8 if self.device.type == "cuda" else 1)
 
     @property
+    def eval_multiple(self) -> int:
+        """Evaluation on a GPU rounds widths to 64 even without buckets: few shapes there made the
+        25,000-review evaluation 1.5-1.7x faster on one H200 (benchmarks/README.md). A CPU is
+        compute-bound: padding there only costs."""
+        return self.bucket_width or (64 if self.device.type == "cuda" else 1)
+
+    @property
     def graphs(self) -> bool:
         return self.compile == "reduce-overhead" and self.device.type == "cuda"
 
     def cap(self, lengths: np.ndarray) -> int:
-        return int(lengths.max()) if self.bucket_width and len(lengths) else 0
+        """Rounding never pads past the longest text (nor past the model's positions)."""
+        return int(lengths.max()) if len(lengths) else 0
 
-    def wrap(self, module):
-        """Wrapping again is cheap: compiled graphs are cached with the model's code, per shape."""
+    def rows(self, longest: int, cap: int, batch_size: int, batch_tokens: int = 0, world: int = 1) -> int:
+        """Under --compile every batch of a width gets that width's full row count (short ones are
+        filled with ignored rows): one graph, one CUDA graph per width. 0 = as many as it holds."""
         if self.compile == "off":
-            return module
+            return 0
+        width = min(-(-longest // self.multiple) * self.multiple, cap) if cap else longest
+        size = max(1, batch_tokens * world // width) if batch_tokens else batch_size * world
+        return -(-size // world)
+
+    @contextlib.contextmanager
+    def compiled(self, model):
+        """Compile the model's repeated layers in place for the duration. The layers share one
+        graph per shape, so compiling costs one layer's time, not the whole model's (regional
+        compilation); the model is left as it came (nothing compiled) for saving and serving."""
+        blocks = _repeated_layers(model) or [model]
+        if self.compile == "off" or any(b._compiled_call_impl is not None for b in blocks):
+            yield  # off, or already compiled by an outer call (evaluation inside fit)
+            return
         import torch._dynamo
 
-        # One graph per (width, rows, train/eval): IMDB at 64 has 8 widths, each with a full and a
-        # short batch, in two modes; dynamo's default limit of 8 would fall back to eager.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        return torch.compile(module, mode=None if self.compile == "default" else self.compile, dynamic=False)
+        # One graph per width and train/eval: IMDB at 64 has 8 widths in two modes, and a process that
+        # trains several models (benchmarks, tuning trials) adds graphs per variant; dynamo's
+        # default limit of 8 graphs per function would fall back to eager.
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 128))  # renamed in torch 2.6
+        for block in blocks:
+            block.compile(mode=None if self.compile == "default" else self.compile, dynamic=False)
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block._compiled_call_impl = None  # what nn.Module.compile set; undone here
 
     def step_begin(self) -> None:
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
+
+
+def _repeated_layers(model) -> list:
+    """The transformer layers: the longest ModuleList of one module class (DistilBERT's
+    transformer.layer, BERT's encoder.layer, ...), found without naming architectures."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+             and len({type(x) for x in m}) == 1]
+    return list(max(lists, key=len)) if lists else []
 
 
 def predict(model, enc: Encoded, batch_size: int, pad_id: int, device: torch.device,
@@ -245,18 +283,21 @@ def _predict(model, enc: Encoded, batch_size: int, pad_id: int, device: torch.de
              dtype: torch.dtype, progress: str | None, shapes: Shapes) -> Evaluation:
     """Sorted by length, no gradients, logits kept on the device until one copy at the end."""
     model.eval()
-    forward = shapes.wrap(model)
     batches = sorted_batches(enc.lengths, batch_size)
     cap = shapes.cap(enc.lengths)
     logits_parts, order = [], []
-    for idx in tqdm(batches, desc=progress, disable=progress is None, mininterval=2.0):
-        ids, mask, _ = collate(enc, idx, pad_id, shapes.multiple, cap)
-        shapes.step_begin()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = forward(input_ids=to_device(ids, device), attention_mask=to_device(mask, device))
-        # A CUDA graph's outputs are overwritten by its next replay: keep a copy.
-        logits_parts.append(out.logits.float().clone() if shapes.graphs else out.logits.float())
-        order.append(idx)
+    with shapes.compiled(model):
+        for idx in tqdm(batches, desc=progress, disable=progress is None, mininterval=2.0):
+            rows = shapes.rows(int(enc.lengths[idx].max()), cap, batch_size)
+            ids, mask, _ = collate(enc, idx, pad_id, shapes.eval_multiple, cap, rows)
+            shapes.step_begin()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = model(input_ids=to_device(ids, device), attention_mask=to_device(mask, device))
+            # [:n] copies when filler rows were added; a CUDA graph's outputs are overwritten by its
+            # next replay, so those are copied too.
+            logits = out.logits[:len(idx)].float()
+            logits_parts.append(logits.clone() if shapes.graphs else logits)
+            order.append(idx)
     logits = torch.cat(logits_parts)
     perm = torch.from_numpy(np.concatenate(order)).to(device)
     restored = torch.empty_like(logits)
@@ -343,7 +384,6 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
     weights = cfg.loss_weights(np.bincount(train.labels, minlength=n_classes).tolist())
     class_weight = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
     shapes = Shapes(device, cfg.bucket_width, cfg.compile)
-    forward = shapes.wrap(trained)
     n_batches = len(_epoch_batches(cfg, lengths, dist, np.random.default_rng(0)))
     steps_per_epoch = math.ceil(n_batches / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs
@@ -398,7 +438,7 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
 
     stop = StopOnSignal() if checkpointer is not None else None
     epoch = first_epoch - 1
-    with stop or contextlib.nullcontext():
+    with stop or contextlib.nullcontext(), shapes.compiled(model):
         for epoch in range(first_epoch, cfg.epochs + 1):
             trained.train()
             t0 = time.perf_counter()
@@ -409,14 +449,15 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
                        disable=not dist.main, initial=start, total=len(batches))
             for i in bar:
                 idx = batches[i]
-                ids, mask, y = collate(train, idx, pad_id, shapes.multiple, cap)
+                rows = shapes.rows(int(lengths[idx].max()), cap, cfg.batch_size, cfg.batch_tokens, dist.world)
+                ids, mask, y = collate(train, idx, pad_id, shapes.multiple, cap, rows)
                 stepping = (i + 1) % cfg.gradient_accumulation_steps == 0 or i + 1 == len(batches)
                 # DDP all-reduces gradients only on the micro-step that updates the weights.
                 sync = contextlib.nullcontext() if stepping or dist.world == 1 else trained.no_sync()
                 shapes.step_begin()
                 with clock.step(tuple(ids.shape), len(idx), device), sync:
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                        logits = forward(input_ids=to_device(ids, device),
+                        logits = trained(input_ids=to_device(ids, device),
                                          attention_mask=to_device(mask, device)).logits
                     loss = F.cross_entropy(logits.float(), to_device(y, device), weight=class_weight)
                     scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
