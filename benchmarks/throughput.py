@@ -146,9 +146,15 @@ def run_project(strategy: str, train, val, pad_id: int, seed: int, device, **ove
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"samples": result.samples_seen, "seconds": result.train_seconds, "real_tokens": result.real_tokens_seen,
-            "padded_tokens": result.padded_tokens_seen, "flops": flops(strategy, train.lengths.tolist()),
-            "peak_gb": peak_gb(device)}
+    # Steady state: steps that compiled a new batch shape (under compile) are reported as warm-up,
+    # unless every step did (too few samples for the number of shapes): then all of it counts.
+    steady = result.samples_seen > result.warmup_samples
+    share = 1 - result.warmup_samples / result.samples_seen if steady else 1.0
+    return {"samples": result.samples_seen - result.warmup_samples if steady else result.samples_seen,
+            "seconds": result.train_seconds - result.warmup_seconds if steady else result.train_seconds,
+            "real_tokens": result.real_tokens_seen * share, "padded_tokens": result.padded_tokens_seen * share,
+            "flops": flops(strategy, train.lengths.tolist()) * share, "peak_gb": peak_gb(device),
+            "warmup_s": result.warmup_seconds}
 
 
 def run_eval(df, tokenizer, device, batch_size: int) -> dict:
@@ -169,19 +175,47 @@ def run_eval(df, tokenizer, device, batch_size: int) -> dict:
     return {"samples": len(ev.labels), "seconds": seconds}
 
 
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name (platform.processor() is empty on most Linux systems)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_hardware(device) -> str:
+    import torch
+
+    cpu = f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
+    return f"{torch.cuda.get_device_name()} with {cpu}" if device.type == "cuda" else cpu
+
+
+TABLE_HEAD = ("\n| recipe | samples | seconds | samples/s | real tokens/s | padding | model TFLOP/s on real tokens "
+              "| peak memory | warm-up s (compiling, not in samples/s) |\n|---|---|---|---|---|---|---|---|---|")
+
+
 def describe(name: str, r: dict) -> str:
     sps = r["samples"] / r["seconds"]
     pad = 1 - r["real_tokens"] / r["padded_tokens"]
     tflops = r["flops"] / r["seconds"] / 1e12
     peak = f"{r['peak_gb']:.1f} GB" if r.get("peak_gb") is not None else "n/a"
     return (f"| {name} | {r['samples']} | {r['seconds']:.1f} | {sps:,.1f} | {r['real_tokens'] / r['seconds']:,.0f} "
-            f"| {pad:.1%} | {tflops:.2f} | {peak} |")
+            f"| {pad:.1%} | {tflops:.2f} | {peak} | {r.get('warmup_s', 0.0):.1f} |")
+
+
+def data_arguments(description: str) -> argparse.ArgumentParser:
+    """--data and --vocab, as every benchmark on the DistilBERT architecture takes them."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data", type=Path, required=True, help="folder with train.parquet and test.parquet")
+    p.add_argument("--vocab", type=Path, required=True, help="uncased WordPiece vocab.txt (DistilBERT's)")
+    return p
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="folder with train.parquet and test.parquet")
-    p.add_argument("--vocab", type=Path, required=True, help="uncased WordPiece vocab.txt")
+    p = data_arguments(__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, default=64, help="training samples for the project's loop")
     p.add_argument("--seed-samples", type=int, default=0, help="samples for the seed recipe (0 = --samples)")
     p.add_argument("--strategies", default="full,lora")
@@ -210,16 +244,15 @@ def main() -> None:
     import torch
     import transformers
 
-    from src.loop import pick_device
+    from src.loop import cpu_bf16_facts, pick_device, precision_choice
 
     transformers.logging.set_verbosity_error()
     device = pick_device()
-    if device.type == "cuda":
-        hardware = torch.cuda.get_device_name()
-    else:
-        hardware = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    hardware = describe_hardware(device)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {hardware}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
+    dtype, reason = precision_choice("auto", device)
+    print(f"# precision=auto -> {str(dtype).split('.')[-1]} ({reason}); CPU flags {cpu_bf16_facts()}")
     print(f"# command: python {' '.join(sys.argv)}")
     from src.data import tokenize
 
@@ -236,9 +269,7 @@ def main() -> None:
         run_project("full", tokenize(df.head(256), tok, 512), val, pad_id, a.seed, device)
 
     results = {}
-    print("\n| recipe | samples | seconds | samples/s | real tokens/s | padding | model TFLOP/s on real tokens "
-          "| peak memory |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(TABLE_HEAD)
     for strategy in a.strategies.split(","):
         seed_r = run_seed(strategy, padded, a.seed, 16, device)
         print(describe(f"{strategy}: seed recipe (Trainer, fp32, pad 512, batch 16)", seed_r), flush=True)

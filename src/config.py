@@ -19,6 +19,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomial")
 SELECTION_METRICS = ("accuracy", "f1", "loss")
 EMPTY_TEXTS = ("fail", "drop")
+COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 # Learning rates per strategy when none is given. LoRA wants roughly 10x the full fine-tuning
 # rate: on real IMDB with a pretrained MiniLM, LoRA r8 q/k/v reached .914 test accuracy at 5e-4
@@ -141,9 +142,18 @@ class TrainConfig:
     lr_scheduler: str = _opt("linear", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
     gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
-    precision: str = _opt("auto", "auto = bf16 on GPUs and CPUs that support it natively, else fp16 on GPU, "
-                          "fp32 on CPU.",
+    precision: str = _opt("auto", "auto = bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX), "
+                          "else fp16 on GPU, fp32 on CPU.",
                           choices=PRECISIONS)
+    bucket_width: int = _opt(0, "Pad every batch to a multiple of this many tokens (at most the longest "
+                             "text), batching texts of one width together: steps take a few fixed shapes, which "
+                             "--compile needs. 0 = length-grouped batches padded to their longest text "
+                             "(evaluation on a GPU still rounds widths to 64).")
+    batch_tokens: int = _opt(0, "Fill each batch to this many padded tokens (rows = batch_tokens // width) instead "
+                             "of --batch-size rows; needs --bucket-width. 0 = off.")
+    compile: str = _opt("off", "torch.compile the model once per batch shape (needs --bucket-width) for training "
+                        "and evaluation: 'default' fuses kernels, 'reduce-overhead' also replays CUDA graphs on GPU.",
+                        choices=COMPILE_MODES)
     seed: int = _opt(42, "Seed for initialisation, dropout and batch order.")
     selection_metric: str = _opt("accuracy", "Validation metric that picks the best epoch and early-stops.",
                                  choices=SELECTION_METRICS)
@@ -184,6 +194,16 @@ class TrainConfig:
         if self.checkpoint_steps < 0:
             raise ConfigError(f"--checkpoint-steps must be >= 0, got {self.checkpoint_steps}")
         _check_seed("seed", self.seed)
+        for name in ("bucket_width", "batch_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if self.batch_tokens and not self.bucket_width:
+            raise ConfigError("--batch-tokens needs --bucket-width (e.g. 64): token budgets fill batches per width")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+        if self.compile != "off" and not self.bucket_width:
+            raise ConfigError("--compile needs --bucket-width (e.g. 64): without buckets nearly every batch has a "
+                              "new shape and is compiled again")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"--early-stopping-patience must be >= 0, got {self.early_stopping_patience}")
         if self.class_weights not in ("", "balanced"):

@@ -228,21 +228,62 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.
     return [batches[i] for i in perm]
 
 
+def bucket_widths(lengths: np.ndarray, multiple: int) -> np.ndarray:
+    """Each example's padded width: its length rounded up to `multiple`, at most the longest length,
+    so a set has only a few widths (8 for IMDB at 64 and max_length 512)."""
+    return np.minimum(-(-lengths // multiple) * multiple, int(lengths.max()))
+
+
+def bucketed_batches(lengths: np.ndarray, multiple: int, batch_size: int, batch_tokens: int,
+                     rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle, split by bucket width, cut each bucket into batches, shuffle the batches.
+
+    Every batch then has one of a few shapes (width x rows), which is what lets a compiled step
+    (and its CUDA graph) be reused; each bucket leaves at most one short batch per epoch. With
+    `batch_tokens` a batch holds as many reviews as fit the budget at its width (fairseq's
+    `max_tokens`), else `batch_size`. The batch with the most padded tokens goes first, so an
+    out-of-memory error shows at step one.
+    """
+    widths = bucket_widths(lengths, multiple)
+    order = rng.permutation(len(lengths))
+    batches, cost = [], []
+    for width in np.unique(widths):
+        members = order[widths[order] == width]
+        size = max(1, batch_tokens // int(width)) if batch_tokens else batch_size
+        for i in range(0, len(members), size):
+            batches.append(members[i:i + size])
+            cost.append(len(batches[-1]) * int(width))
+    perm = rng.permutation(len(batches))
+    biggest = int(np.argmax(cost))
+    perm = np.concatenate([[biggest], perm[perm != biggest]])
+    return [batches[i] for i in perm]
+
+
 def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Evaluation order: longest first, so padding is minimal and memory peaks at once."""
     order = np.argsort(-lengths, kind="stable")
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(enc: Encoded, idx: np.ndarray, pad_id: int, multiple_of: int = 1):
+def collate(enc: Encoded, idx: np.ndarray, pad_id: int, multiple_of: int = 1, cap: int = 0, rows: int = 0):
+    """Pad to the batch's longest, rounded up to `multiple_of` and at most `cap` (0 = no cap).
+
+    `rows` > len(idx) appends filler rows (one attended pad token, label -100, which cross-entropy
+    ignores), so a short batch has the same shape as a full one: one compiled graph per width.
+    """
     import torch
 
     seqs = [enc.input_ids[i] for i in idx]
     width = max(len(s) for s in seqs)
     width = -(-width // multiple_of) * multiple_of
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    width = min(width, cap) if cap else width
+    n = max(rows, len(seqs))
+    ids = np.full((n, width), pad_id, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    mask[len(seqs):, 0] = 1  # a row with nothing to attend to would give NaN attention
     for row, s in enumerate(seqs):
         ids[row, :len(s)] = s
         mask[row, :len(s)] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(enc.labels[idx])
+    labels = np.full(n, -100, dtype=np.int64)
+    labels[:len(seqs)] = enc.labels[idx]
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)

@@ -124,7 +124,7 @@ def _run_experiment(cfg: RunConfig, held, *, nested: bool = False, tags: dict[st
     import mlflow
 
     from . import checkpoint, tracking
-    from .loop import fit, pick_device, predict, resolve_precision, seed_everything, throughput
+    from .loop import Shapes, fit, pick_device, precision_choice, predict, seed_everything, throughput
     from .modeling import build_model, count_params
 
     resume_id = cfg.tracking.resume_run_id
@@ -147,11 +147,12 @@ def _run_experiment(cfg: RunConfig, held, *, nested: bool = False, tags: dict[st
                             cfg.model.attention_dropout)
         counts = count_params(model)
         device = pick_device()
-        dtype = resolve_precision(cfg.train.precision, device)
+        dtype, precision_reason = precision_choice(cfg.train.precision, device)
         contract = tracking.log_setup(cfg, splits, {
             "trainable_params": counts.trainable, "total_params": counts.total,
             "trainable_pct": round(counts.pct, 4), "device": device.type, "compute_dtype": str(dtype).split(".")[-1],
-            "world_size": dist.world, "global_batch_size": cfg.train.batch_size * dist.world,
+            "precision_reason": precision_reason, "world_size": dist.world,
+            "global_batch_size": cfg.train.batch_size * dist.world,
         }, resumed=bool(resume_id), tokenizer=tokenizer)
         pad_id = tokenizer.pad_token_id
         logger = tracking.MlflowLogger(run_id, tracking.logged_steps(run_id) if resume_id else None,
@@ -173,7 +174,8 @@ def _run_experiment(cfg: RunConfig, held, *, nested: bool = False, tags: dict[st
         if evaluate_test:
             # The test split is touched once, after model selection on validation.
             test_ev = predict(model, encoded["test"], cfg.train.eval_batch_size, pad_id, device, dtype,
-                              progress="test", dist=dist)
+                              progress="test", dist=dist, shapes=Shapes(device, cfg.train.bucket_width,
+                                                                        cfg.train.compile))
             test = tracking.log_evaluation("test", test_ev, splits.labels, splits.test["text"].tolist(),
                                            lengths=encoded["test"].lengths, max_length=cfg.data.max_length,
                                            temperature=temperature)
@@ -192,7 +194,7 @@ def _run_experiment(cfg: RunConfig, held, *, nested: bool = False, tags: dict[st
 
 def _train_quietly(cfg: RunConfig, prepared: Prepared, dist, evaluate_test: bool) -> Outcome:
     """A non-zero rank: the same collective steps as rank 0 (training, validation, test), no tracking."""
-    from .loop import fit, pick_device, predict, resolve_precision, seed_everything
+    from .loop import Shapes, fit, pick_device, predict, resolve_precision, seed_everything
     from .modeling import build_model
 
     seed_everything(cfg.train.seed)
@@ -204,5 +206,6 @@ def _train_quietly(cfg: RunConfig, prepared: Prepared, dist, evaluate_test: bool
     if evaluate_test:
         device = pick_device()
         predict(model, prepared.encoded["test"], cfg.train.eval_batch_size, pad_id, device,
-                resolve_precision(cfg.train.precision, device), dist=dist)
+                resolve_precision(cfg.train.precision, device), dist=dist,
+                shapes=Shapes(device, cfg.train.bucket_width, cfg.train.compile))
     return Outcome("", result.best_val_metrics, {}, 0, 0, result.best_epoch)

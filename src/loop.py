@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .data import Encoded, collate, length_grouped_batches, sorted_batches
+from .data import Encoded, bucketed_batches, collate, length_grouped_batches, sorted_batches
 from .evaluate import Evaluation, metrics
 
 
@@ -55,6 +55,8 @@ class FitResult:
     padded_tokens_seen: int = 0
     peak_memory_mb: float = 0.0
     stopped_early: bool = False
+    warmup_seconds: float = 0.0  # steps of a batch shape seen for the first time under --compile
+    warmup_samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,20 +102,49 @@ def pick_device() -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return precision_choice(precision, device)[0]
 
 
-def cpu_has_bf16() -> bool:
-    """CPUs with native bf16 dot products (AVX512-BF16, AMX) train faster under bf16 autocast
-    (about 1.4x on a Zen 4 core for DistilBERT); elsewhere bf16 is emulated and slower than fp32."""
+def precision_choice(precision: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The compute dtype and why it was chosen (logged beside the run's `compute_dtype`)."""
+    if precision != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision], "set"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "GPU with bf16"
+        return torch.float16, "GPU without bf16"
+    name, reason = auto_cpu_precision(cpu_bf16_facts())
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name], reason
+
+
+def cpu_bf16_facts() -> dict[str, bool]:
+    """The CPU flags that decide `auto` there. `torch.ops.mkldnn._is_mkldnn_bf16_supported()`
+    answers True on any AVX-512 CPU, also where bf16 is only emulated (STACK_NOTES); these do not."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        caps = {}
+    native = bool(caps.get("avx512_bf16")) or _avx512_bf16()
+    return {"avx512_bf16": native, "amx_bf16": bool(caps.get("amx_bf16")), "avx512_f": bool(caps.get("avx512_f"))}
+
+
+def _avx512_bf16() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def auto_cpu_precision(facts: dict[str, bool]) -> tuple[str, str]:
+    """bf16 autocast only where the CPU has bf16 dot products (AVX512-BF16 or AMX): about 1.4x
+    faster than fp32 on a Zen 4 core; where bf16 is emulated (Skylake-SP's AVX-512) a DistilBERT-size
+    step took 2.7x longer than fp32 (STACK_NOTES)."""
+    native = [flag for flag in ("amx_bf16", "avx512_bf16") if facts.get(flag)]
+    if native:
+        return "bf16", f"CPU with native bf16 ({', '.join(native)})"
+    if facts.get("avx512_f"):
+        return "fp32", "CPU bf16 only emulated (AVX-512 without AVX512-BF16/AMX)"
+    return "fp32", "CPU without bf16"
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -152,16 +183,93 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n in names}
 
 
+@dataclass(frozen=True)
+class Shapes:
+    """How batches are padded and run: widths rounded up to `bucket_width` (else to 8 on GPU, for
+    tensor cores), and with `compile` the model compiled once per batch shape."""
+
+    device: torch.device
+    bucket_width: int = 0
+    compile: str = "off"
+
+    @property
+    def multiple(self) -> int:
+        return self.bucket_width or (8 if self.device.type == "cuda" else 1)
+
+    @property
+    def eval_multiple(self) -> int:
+        """Evaluation on a GPU rounds widths to 64 even without buckets: few shapes there made the
+        25,000-review evaluation 1.5-1.7x faster on one H200 (benchmarks/README.md). A CPU is
+        compute-bound: padding there only costs."""
+        return self.bucket_width or (64 if self.device.type == "cuda" else 1)
+
+    @property
+    def graphs(self) -> bool:
+        return self.compile == "reduce-overhead" and self.device.type == "cuda"
+
+    def cap(self, lengths: np.ndarray) -> int:
+        """Rounding never pads past the longest text (nor past the model's positions)."""
+        return int(lengths.max()) if len(lengths) else 0
+
+    def rows(self, longest: int, cap: int, batch_size: int, batch_tokens: int = 0, world: int = 1) -> int:
+        """Under --compile every batch of a width gets that width's full row count (short ones are
+        filled with ignored rows): one graph, one CUDA graph per width. 0 = as many as it holds."""
+        if self.compile == "off":
+            return 0
+        width = min(-(-longest // self.multiple) * self.multiple, cap) if cap else longest
+        size = max(1, batch_tokens * world // width) if batch_tokens else batch_size * world
+        return -(-size // world)
+
+    @contextlib.contextmanager
+    def compiled(self, model):
+        """Compile the model's repeated layers in place for the duration. The layers share one
+        graph per shape, so compiling costs one layer's time, not the whole model's (regional
+        compilation); the model is left as it came (nothing compiled) for saving and serving."""
+        blocks = _repeated_layers(model) or [model]
+        if self.compile == "off" or any(b._compiled_call_impl is not None for b in blocks):
+            yield  # off, or already compiled by an outer call (evaluation inside fit)
+            return
+        import torch._dynamo
+
+        # One graph per width and train/eval: IMDB at 64 has 8 widths in two modes, and a process that
+        # trains several models (benchmarks, tuning trials) adds graphs per variant; dynamo's
+        # default limit of 8 graphs per function would fall back to eager.
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 128))  # renamed in torch 2.6
+        for block in blocks:
+            block.compile(mode=None if self.compile == "default" else self.compile, dynamic=False)
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block._compiled_call_impl = None  # what nn.Module.compile set; undone here
+
+    def step_begin(self) -> None:
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+
+def _repeated_layers(model) -> list:
+    """The transformer layers: the longest ModuleList of one module class (DistilBERT's
+    transformer.layer, BERT's encoder.layer, ...), found without naming architectures."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+             and len({type(x) for x in m}) == 1]
+    return list(max(lists, key=len)) if lists else []
+
+
 def predict(model, enc: Encoded, batch_size: int, pad_id: int, device: torch.device,
-            dtype: torch.dtype, progress: str | None = None, dist: Dist = Dist()) -> Evaluation:
-    """Each process scores its share; every process gets the whole result."""
+            dtype: torch.dtype, progress: str | None = None, dist: Dist = Dist(),
+            shapes: Shapes | None = None) -> Evaluation:
+    """Each process scores its share; every process gets the whole result. `shapes` as in
+    training (the same buckets and compiled forward); None = plain eager batches."""
+    shapes = shapes or Shapes(device)
     if dist.world == 1:
-        return _predict(model, enc, batch_size, pad_id, device, dtype, progress)
+        return _predict(model, enc, batch_size, pad_id, device, dtype, progress, shapes)
     import torch.distributed as tdist
 
     mine = np.arange(dist.rank, len(enc), dist.world)
     part = _predict(model, Encoded([enc.input_ids[i] for i in mine], enc.labels[mine]), batch_size, pad_id,
-                    device, dtype, progress if dist.main else None)
+                    device, dtype, progress if dist.main else None, shapes)
     gathered: list = [None] * dist.world
     tdist.all_gather_object(gathered, (mine, part.probs, part.loss * len(mine)))
     probs = np.zeros((len(enc), part.probs.shape[1]), dtype=part.probs.dtype)
@@ -173,17 +281,24 @@ def predict(model, enc: Encoded, batch_size: int, pad_id: int, device: torch.dev
 
 @torch.inference_mode()
 def _predict(model, enc: Encoded, batch_size: int, pad_id: int, device: torch.device,
-             dtype: torch.dtype, progress: str | None = None) -> Evaluation:
+             dtype: torch.dtype, progress: str | None, shapes: Shapes) -> Evaluation:
     """Sorted by length, no gradients, logits kept on the device until one copy at the end."""
     model.eval()
     batches = sorted_batches(enc.lengths, batch_size)
+    cap = shapes.cap(enc.lengths)
     logits_parts, order = [], []
-    for idx in tqdm(batches, desc=progress, disable=progress is None, mininterval=2.0):
-        ids, mask, _ = collate(enc, idx, pad_id, multiple_of=8 if device.type == "cuda" else 1)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model(input_ids=to_device(ids, device), attention_mask=to_device(mask, device))
-        logits_parts.append(out.logits.float())
-        order.append(idx)
+    with shapes.compiled(model):
+        for idx in tqdm(batches, desc=progress, disable=progress is None, mininterval=2.0):
+            rows = shapes.rows(int(enc.lengths[idx].max()), cap, batch_size)
+            ids, mask, _ = collate(enc, idx, pad_id, shapes.eval_multiple, cap, rows)
+            shapes.step_begin()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = model(input_ids=to_device(ids, device), attention_mask=to_device(mask, device))
+            # [:n] copies when filler rows were added; a CUDA graph's outputs are overwritten by its
+            # next replay, so those are copied too.
+            logits = out.logits[:len(idx)].float()
+            logits_parts.append(logits.clone() if shapes.graphs else logits)
+            order.append(idx)
     logits = torch.cat(logits_parts)
     perm = torch.from_numpy(np.concatenate(order)).to(device)
     restored = torch.empty_like(logits)
@@ -206,6 +321,36 @@ def _shard(batches: list[np.ndarray], dist: Dist) -> list[np.ndarray]:
     if dist.world == 1:
         return batches
     return [b[dist.rank::dist.world] for b in batches if len(b) >= dist.world]
+
+
+def _epoch_batches(cfg: TrainConfig, lengths: np.ndarray, dist: Dist, rng: np.random.Generator):
+    if cfg.bucket_width:
+        return _shard(bucketed_batches(lengths, cfg.bucket_width, cfg.batch_size * dist.world,
+                                       cfg.batch_tokens * dist.world, rng), dist)
+    return _shard(length_grouped_batches(lengths, cfg.batch_size * dist.world, rng), dist)
+
+
+class _WarmupClock:
+    """Times the steps that meet a batch shape for the first time: under --compile those compile,
+    and steady-state throughput leaves them out."""
+
+    def __init__(self, result: FitResult, shapes: Shapes):
+        self.result, self.on, self.seen = result, shapes.compile != "off", set()
+
+    @contextlib.contextmanager
+    def step(self, shape: tuple, n: int, device: torch.device):
+        if not self.on or shape in self.seen:
+            yield
+            return
+        self.seen.add(shape)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.result.warmup_seconds += time.perf_counter() - t0
+        self.result.warmup_samples += n
 
 
 def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: float, n_classes: int,
@@ -239,8 +384,8 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
     lengths = train.lengths
     weights = cfg.loss_weights(np.bincount(train.labels, minlength=n_classes).tolist())
     class_weight = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
-    global_batch = cfg.batch_size * dist.world
-    n_batches = len(_shard(length_grouped_batches(lengths, global_batch, np.random.default_rng(0)), dist))
+    shapes = Shapes(device, cfg.bucket_width, cfg.compile)
+    n_batches = len(_epoch_batches(cfg, lengths, dist, np.random.default_rng(0)))
     steps_per_epoch = math.ceil(n_batches / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=learning_rate,
@@ -248,10 +393,11 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    multiple_of = 8 if device.type == "cuda" else 1  # tensor-core friendly widths on GPU
+    cap = shapes.cap(lengths)
 
     best_state, best_val, best_metrics, best_epoch, best_score = None, None, None, 0, None
     result = FitResult(best_epoch=0, best_val=None, best_val_metrics={})  # type: ignore[arg-type]
+    clock = _WarmupClock(result, shapes)
     bad_epochs, step = 0, 0
     running = torch.zeros((), device=device)
     running_n = 0
@@ -291,22 +437,24 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
 
     stop = StopOnSignal() if checkpointer is not None else None
     epoch = first_epoch - 1
-    with stop or contextlib.nullcontext():
+    with stop or contextlib.nullcontext(), shapes.compiled(model):
         for epoch in range(first_epoch, cfg.epochs + 1):
             trained.train()
             t0 = time.perf_counter()
             rng_epoch = rng.bit_generator.state
-            batches = _shard(length_grouped_batches(lengths, global_batch, rng), dist)
+            batches = _epoch_batches(cfg, lengths, dist, rng)
             start, skip = skip, 0
             bar = tqdm(range(start, len(batches)), desc=f"train epoch {epoch}/{cfg.epochs}", mininterval=2.0,
                        disable=not dist.main, initial=start, total=len(batches))
             for i in bar:
                 idx = batches[i]
-                ids, mask, y = collate(train, idx, pad_id, multiple_of)
+                rows = shapes.rows(int(lengths[idx].max()), cap, cfg.batch_size, cfg.batch_tokens, dist.world)
+                ids, mask, y = collate(train, idx, pad_id, shapes.multiple, cap, rows)
                 stepping = (i + 1) % cfg.gradient_accumulation_steps == 0 or i + 1 == len(batches)
                 # DDP all-reduces gradients only on the micro-step that updates the weights.
                 sync = contextlib.nullcontext() if stepping or dist.world == 1 else trained.no_sync()
-                with sync:
+                shapes.step_begin()
+                with clock.step(tuple(ids.shape), len(idx), device), sync:
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                         logits = trained(input_ids=to_device(ids, device),
                                          attention_mask=to_device(mask, device)).logits
@@ -348,7 +496,7 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
             result.train_seconds += time.perf_counter() - t0
 
             val_ev = predict(model, val, cfg.eval_batch_size, pad_id, device, dtype,
-                             progress=f"validate epoch {epoch}", dist=dist)
+                             progress=f"validate epoch {epoch}", dist=dist, shapes=shapes)
             val_metrics = metrics(val_ev, n_classes)
             logger.log_metrics({f"val/{k}": v for k, v in val_metrics.items() if not math.isnan(v)}, step=epoch)
             result.history.append({"epoch": epoch, **val_metrics})
@@ -388,10 +536,15 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
 
 
 def throughput(result: FitResult) -> dict[str, float]:
+    """samples/s is steady state: steps that compiled a new shape count in warmup_s alone."""
     seconds = max(result.train_seconds, 1e-9)
+    samples, steady = result.samples_seen, seconds
+    if result.samples_seen > result.warmup_samples:
+        samples, steady = result.samples_seen - result.warmup_samples, max(seconds - result.warmup_seconds, 1e-9)
     return {
         "train/runtime_s": result.train_seconds,
-        "train/samples_per_s": result.samples_seen / seconds,
+        "train/warmup_s": result.warmup_seconds,
+        "train/samples_per_s": samples / steady,
         "train/tokens_per_s": result.real_tokens_seen / seconds,
         "train/padding_fraction": 1 - result.real_tokens_seen / max(result.padded_tokens_seen, 1),
         "train/peak_memory_mb": result.peak_memory_mb,

@@ -51,6 +51,8 @@ CASES = {
     "class weights not numbers": (["--class-weights", "heavy"], "--class-weights must be numbers"),
     "promotion alpha out of range": (["--promotion-alpha", "2"], "--promotion-alpha must be between 0 and 1"),
     "checkpoint folder is a file": (["--checkpoint-dir", "{d}/notes.txt"], "is not a folder"),
+    "token budget without buckets": (["--batch-tokens", "4096"], "--batch-tokens needs --bucket-width"),
+    "compile without buckets": (["--compile", "default"], "--compile needs --bucket-width"),
     "deleted experiment": (["--experiment-name", "bad-deleted experiment"], "is deleted; restore it with"),
     "one column as text and label": (["--label-column", "text"], "both name column 'text'"),
     "negative split seed": (["--split-seed", "-1"], "--split-seed must be an integer from 0 to 4294967295"),

@@ -52,18 +52,21 @@ def history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tracking, distilbert_dir, data_files, tmp_path):
-    whole = subprocess.run(train_cmd(distilbert_dir, data_files, "uninterrupted", tmp_path / "a", "--epochs", "3"),
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("batching", [[], ["--bucket-width", "16", "--batch-tokens", "384"]],
+                         ids=["length-grouped", "bucketed-token-budget"])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tracking, distilbert_dir, data_files, tmp_path, batching):
+    tag = "-bucketed" if batching else ""
+    whole = subprocess.run(train_cmd(distilbert_dir, data_files, f"uninterrupted{tag}", tmp_path / "a", "--epochs",
+                                     "3", *batching), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    reference = only_run(tracking, "uninterrupted")
+    reference = only_run(tracking, f"uninterrupted{tag}")
     assert not (tmp_path / "a" / reference.info.run_id).exists()  # removed once FINISHED
 
-    cmd = train_cmd(distilbert_dir, data_files, "interrupted", tmp_path / "b", "--epochs", "3",
-                    "--checkpoint-steps", "5")
+    cmd = train_cmd(distilbert_dir, data_files, f"interrupted{tag}", tmp_path / "b", "--epochs", "3",
+                    "--checkpoint-steps", "5", *batching)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        run = wait_for_metric(tracking, "interrupted", "val/accuracy")  # epoch 1 done: killed inside epoch 2
+        run = wait_for_metric(tracking, f"interrupted{tag}", "val/accuracy")  # epoch 1 done: killed inside epoch 2
         time.sleep(1.0)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)

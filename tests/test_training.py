@@ -1,5 +1,7 @@
 """The loop itself, tracking off (NullLogger)."""
 
+import pytest
+
 from src.config import DataConfig, LoraConfig, TrainConfig
 from src.data import load_splits, tokenize
 from src.loop import fit, seed_everything
@@ -86,3 +88,70 @@ def test_default_training_step_uses_fused_attention(distilbert_dir, bert_dir):
         assert any("flash_attention" in op for op in fused), fused
         assert not any("math" in op for op in fused), fused
         assert any("math" in op for op in _attention_ops(model_dir, 0.1))  # the check can fail
+
+
+@pytest.mark.parametrize("facts, chosen, why", [
+    ({"avx512_f": True, "avx512_bf16": True, "amx_bf16": False}, "bf16", "avx512_bf16"),
+    ({"avx512_f": True, "avx512_bf16": True, "amx_bf16": True}, "bf16", "amx_bf16"),
+    ({"avx512_f": True, "avx512_bf16": False, "amx_bf16": False}, "fp32", "emulated"),
+    ({"avx512_f": False, "avx512_bf16": False, "amx_bf16": False}, "fp32", "without bf16"),
+])
+def test_auto_precision_on_cpu_is_bf16_only_where_native(facts, chosen, why):
+    from src.loop import auto_cpu_precision
+
+    name, reason = auto_cpu_precision(facts)
+    assert name == chosen and why in reason
+
+
+def test_auto_precision_on_this_cpu_follows_its_flags():
+    import torch
+
+    from src.loop import cpu_bf16_facts, precision_choice
+
+    facts = cpu_bf16_facts()
+    dtype, reason = precision_choice("auto", torch.device("cpu"))
+    assert (dtype == torch.bfloat16) == (facts["avx512_bf16"] or facts["amx_bf16"]), (facts, reason)
+    assert precision_choice("fp32", torch.device("cpu")) == (torch.float32, "set")
+
+
+def _step_losses(model_dir, data_files, **settings):
+    """Three optimizer steps of full fine-tuning in fp32 without dropout (compiled code draws other
+    random numbers than eager, so dropout would make the two differ by design, not by error)."""
+    import torch
+
+    splits = load_splits(DataConfig(train_data=str(data_files[0]), test_data=str(data_files[1]),
+                                    max_train_samples=48, max_val_samples=16))
+    tok = load_tokenizer(str(model_dir))
+    train, val = tokenize(splits.train, tok, 128), tokenize(splits.val, tok, 128)
+    seed_everything(0)
+    model = build_model(str(model_dir), "full", splits.labels, LoraConfig())
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    cfg = TrainConfig(epochs=1, batch_size=16, logging_steps=1, precision="fp32", bucket_width=64, **settings)
+    losses = []
+
+    class Recorder:
+        def log_metrics(self, values, step):  # noqa: ARG002 - fit passes step=
+            losses.extend(v for k, v in values.items() if k == "train/loss")
+
+        def flush(self):
+            pass
+
+    return fit(model, train, val, cfg, 1e-3, 2, tok.pad_token_id, logger=Recorder()), losses
+
+
+def test_compiled_steps_follow_the_eager_loss_trajectory(distilbert_dir, data_files):
+    """The slowest test of this file (about 30-60 s on 2 CPU cores): inductor compiles the tiny
+    model's training step and its evaluation forward once each, for one batch shape."""
+    from src.loop import throughput
+
+    eager, eager_losses = _step_losses(distilbert_dir, data_files, compile="off")
+    compiled, compiled_losses = _step_losses(distilbert_dir, data_files, compile="default")
+    assert len(eager_losses) == len(compiled_losses) == 3
+    # fp32 both ways; inductor reorders sums, so equal to about 1e-6, not bit for bit.
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
+    assert eager_losses[0] != pytest.approx(eager_losses[-1], rel=1e-3)  # the weights did change
+    assert compiled.best_val.probs == pytest.approx(eager.best_val.probs, abs=1e-4)
+    assert eager.warmup_seconds == 0 and compiled.warmup_seconds > 0 and compiled.warmup_samples == 16
+    assert throughput(compiled)["train/warmup_s"] == compiled.warmup_seconds
