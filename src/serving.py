@@ -202,6 +202,9 @@ def _model_files(model_uri: str, dst: Path):
 
     from .config import ConfigError
 
+    if "://" not in model_uri and ":/" not in model_uri and not (Path(model_uri) / "MLmodel").is_file():
+        raise ConfigError(f"cannot load model {model_uri!r}: no MLmodel file there; give a logged model's folder "
+                          f"or a models:/ or runs:/ URI")
     try:
         repo = get_artifact_repository(model_uri)  # models:/ and runs:/ resolve to the logged model
         mlmodel = yaml.safe_load(Path(repo.download_artifacts("MLmodel", str(dst))).read_text()) or {}

@@ -59,7 +59,7 @@ def one_error_line(proc) -> str:
 
 
 def test_a_planted_pickle_is_never_loaded(tracking, lookup, distilbert_dir, data_files, tmp_path):
-    mlflow.set_experiment("planted")
+    mlflow.set_experiment("planted-model")
     marker = tmp_path / "code-ran"
     legit = gate(lookup, "planted")["candidate_version"]
     planted = plant("planted", marker)
@@ -72,7 +72,7 @@ def test_a_planted_pickle_is_never_loaded(tracking, lookup, distilbert_dir, data
         gate(lookup, "planted")
     train = run_cli(["--strategy", "lora", "--model", str(distilbert_dir), "--train-data", str(data_files[0]),
                      "--test-data", str(data_files[1]), "--registered-model-name", "planted",
-                     "--experiment-name", "planted", "--checkpoint-dir", ""])
+                     "--experiment-name", "planted-model", "--checkpoint-dir", ""])
     assert "not a text classifier logged by this project" in one_error_line(train)
     for module in ("src.predict", "src.serve"):
         args = ["--model", "models:/planted@champion"] + (["a fine film"] if module == "src.predict" else [])
@@ -80,7 +80,7 @@ def test_a_planted_pickle_is_never_loaded(tracking, lookup, distilbert_dir, data
                               timeout=120)
         assert "not a text classifier logged by this project" in one_error_line(proc)
     assert not marker.exists()
-    runs = mlflow.search_runs(experiment_names=["planted"], filter_string="attributes.status = 'RUNNING'")
+    runs = mlflow.search_runs(experiment_names=["planted-model"], filter_string="attributes.status = 'RUNNING'")
     assert len(runs) == 0
     tracking.set_registered_model_alias("planted", "champion", legit)
 
