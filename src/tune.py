@@ -37,7 +37,7 @@ NOT_IN_PROJECT = ("storage",)
 
 def make_storage(tc: TuneConfig):
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     # Heartbeats and stale-trial handling are marked experimental, stable in use since Optuna 2.9.
@@ -45,15 +45,32 @@ def make_storage(tc: TuneConfig):
     if tc.storage.endswith(".log"):
         return JournalStorage(JournalFileBackend(tc.storage))
     try:
-        # Heartbeats let a restarted worker mark trials of a killed one as FAIL instead of RUNNING forever.
-        # No stale-trial callback: a killed trial is not retried (trials are not resumable).
-        return RDBStorage(tc.storage, heartbeat_interval=tc.heartbeat_interval,
-                          grace_period=2 * tc.heartbeat_interval)
+        return _rdb_storage(tc)
     except Exception as exc:  # noqa: BLE001 - a missing driver, a bad URL, a refused connection: one line
         from .urls import mask, scrub
 
         reason = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise ConfigError(f"cannot open Optuna storage {mask(tc.storage)!r} ({reason})") from None
+
+
+def _rdb_storage(tc: TuneConfig):
+    import time
+
+    from optuna.storages import RDBStorage
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(3):
+        try:
+            # Heartbeats let a restarted worker mark trials of a killed one as FAIL instead of RUNNING
+            # forever. No stale-trial callback: a killed trial is not retried (trials are not resumable).
+            return RDBStorage(tc.storage, heartbeat_interval=tc.heartbeat_interval,
+                              grace_period=2 * tc.heartbeat_interval)
+        except IntegrityError:
+            # Workers started together on an empty PostgreSQL race to create Optuna's tables; the
+            # losers find them made a moment later.
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
 
 
 def open_study(tc: TuneConfig, storage, directions: list[str], pruner):
