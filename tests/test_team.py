@@ -100,3 +100,24 @@ def test_registered_model_pins_only_what_an_index_serves(team_server, team_study
     pins = [line for line in found.read_text().splitlines() if "==" in line]
     assert {pin.split("==")[0] for pin in pins} >= {"mlflow", "torch", "transformers"}
     assert not [pin for pin in pins if "+" in pin], pins
+
+
+def test_registration_is_claimed_once_per_finished_study(tmp_path):
+    """The claim a worker takes before registering: none while a trial runs, one per number of finished
+    trials, and given back when the registration fails."""
+    from src.tune import claim_registration, registration_claim
+
+    storage = f"sqlite:///{tmp_path}/o.db"
+    study = optuna.create_study(study_name="claims", storage=storage)
+    running = study.ask()
+    study.add_trial(optuna.create_trial(value=0.5))
+    assert claim_registration(study, storage) == ""  # another worker still trains: it registers later
+    study.tell(running, 0.7)
+    assert claim_registration(study, storage) == "claims:registered@2"
+    assert claim_registration(study, storage) == ""  # a worker finishing at the same moment
+    study.add_trial(optuna.create_trial(value=0.9))  # the study extended later: its new winner once more
+    with pytest.raises(RuntimeError), registration_claim(study, storage) as mine:
+        assert mine
+        raise RuntimeError("registry down")
+    with registration_claim(study, storage) as again:
+        assert again  # the failed registration gave its claim back
