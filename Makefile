@@ -1,6 +1,7 @@
 # make lora | full  : a fresh .venv, the pinned install, then `mlflow run` (ARGS="-P epochs=1 ...")
 # make compare      : results table and charts of tracked runs (ARGS="--experiment-name ...")
 # make test         : the whole offline test suite
+# make install-services : Debian's postgresql (the team tests' database), when missing; as root
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(abspath $(VENV))/bin
@@ -8,7 +9,7 @@ ARGS   ?=
 # `mlflow run --env-manager local` starts `python -m src.train` from PATH: make it the venv's.
 RUN    := PATH="$(BIN):$$PATH" MLFLOW_DISABLE_TELEMETRY=true
 
-.PHONY: install lora full compare test lint clean
+.PHONY: install install-services lora full compare test lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# The tests start and stop their own throw-away cluster from these binaries (tests/postgres.py).
+install-services:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then echo "postgresql: installed"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y postgresql; \
+	else echo "postgresql is missing: run 'sudo make install-services' (or sudo apt-get install -y postgresql);" \
+	  "without it the team tests are skipped"; fi
 
 lora: install
 	$(RUN) $(BIN)/mlflow run . -e lora --env-manager local $(ARGS)

@@ -151,3 +151,17 @@ def main(command: click.Command, prog_name: str) -> None:
 
 def train_main() -> None:
     main(train, "python -m src.train")
+
+
+def _script(module: str, command: str):
+    """A console script of pyproject.toml: imports its module only when run, as `python -m` does."""
+    def run() -> None:
+        import importlib
+
+        main(getattr(importlib.import_module(f"src.{module}"), command), f"imdb-{module}")
+    return run
+
+
+tune_main, compare_main, predict_main = _script("tune", "tune"), _script("compare", "compare"), _script(
+    "predict", "predict")
+serve_main, registry_main = _script("serve", "serve"), _script("registry", "registry")

@@ -37,7 +37,11 @@ class InputError(ValueError):
 
 
 def requirements() -> list[str]:
-    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "transformers", "pandas", "numpy")]
+    """Pins that a package index serves: a local label (torch 2.13.0+cpu) is dropped, so `mlflow models
+    serve` and `build-docker` can install the model's environment."""
+    from packaging.version import Version
+
+    return [f"{pkg}=={Version(version(pkg)).public}" for pkg in ("mlflow", "torch", "transformers", "pandas", "numpy")]
 
 
 def text_hashes(texts) -> set[str]:

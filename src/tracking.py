@@ -24,27 +24,44 @@ from .config import ConfigError, RunConfig
 
 def check_reachable(timeout: float = 5.0) -> None:
     """A remote tracking server that is down should cost five seconds, not a training run: MLflow's
-    own client would retry for minutes, and only after the model was trained."""
-    import urllib.error
-    import urllib.request
+    own client would retry for minutes, and only after the model was trained. The probe is a real API
+    call of MLflow's client, so its TLS (MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_INSECURE_TLS)
+    and auth (MLFLOW_TRACKING_TOKEN, username/password, auth plugins) apply; retries and timeout are
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT when set, else none and `timeout`."""
+    from mlflow.exceptions import MlflowException
 
     from .config import ConfigError
 
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
-    shown = redact(uri)
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout))}
+    saved = {k: os.environ.get(k) for k in probe}
+    os.environ.update({k: v for k, v in probe.items() if saved[k] is None})
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-            reason = f"HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        reason = f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:
-        reason = str(getattr(exc, "reason", exc))
-    raise ConfigError(f"MLflow tracking server {shown} is not reachable ({reason}); start it, fix "
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        return
+    except MlflowException as exc:
+        status = getattr(exc, "get_http_status_code", lambda: 0)()
+        reason = _short_reason(str(exc))
+        if status in (401, 403):
+            raise ConfigError(f"MLflow tracking server {redact(uri)} refuses these credentials (HTTP {status}); "
+                              f"set MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+    raise ConfigError(f"MLflow tracking server {redact(uri)} is not reachable ({reason}); start it, fix "
                       f"MLFLOW_TRACKING_URI, or unset it to use the local sqlite:///mlflow.db")
+
+
+def _short_reason(message: str) -> str:
+    """The cause in MLflow's long request error: 'Connection refused', a TLS failure, a timeout."""
+    import re
+
+    found = re.search(r"\[Errno -?\d+\] ([^\"')]+)", message) or re.search(
+        r"(CERTIFICATE_VERIFY_FAILED|SSLError|timed out|Max retries exceeded|HTTP \d+|status code \d+)", message)
+    return found.group(1).strip() if found else message.splitlines()[0][:160]
 
 
 def check_experiment(name: str) -> None:

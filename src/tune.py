@@ -12,6 +12,7 @@ the winner, after the search.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,7 +37,7 @@ NOT_IN_PROJECT = ("storage",)
 
 def make_storage(tc: TuneConfig):
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     # Heartbeats and stale-trial handling are marked experimental, stable in use since Optuna 2.9.
@@ -44,15 +45,95 @@ def make_storage(tc: TuneConfig):
     if tc.storage.endswith(".log"):
         return JournalStorage(JournalFileBackend(tc.storage))
     try:
-        # Heartbeats let a restarted worker mark trials of a killed one as FAIL instead of RUNNING forever.
-        return RDBStorage(tc.storage, heartbeat_interval=tc.heartbeat_interval,
-                          grace_period=2 * tc.heartbeat_interval,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=0))
+        return _rdb_storage(tc)
     except Exception as exc:  # noqa: BLE001 - a missing driver, a bad URL, a refused connection: one line
         from .urls import mask, scrub
 
         reason = scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise ConfigError(f"cannot open Optuna storage {mask(tc.storage)!r} ({reason})") from None
+
+
+def _rdb_storage(tc: TuneConfig):
+    import time
+
+    from optuna.storages import RDBStorage
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(3):
+        try:
+            # Heartbeats let a restarted worker mark trials of a killed one as FAIL instead of RUNNING
+            # forever. No stale-trial callback: a killed trial is not retried (trials are not resumable).
+            return RDBStorage(tc.storage, heartbeat_interval=tc.heartbeat_interval,
+                              grace_period=2 * tc.heartbeat_interval)
+        except IntegrityError:
+            # Workers started together on an empty PostgreSQL race to create Optuna's tables; the
+            # losers find them made a moment later.
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
+
+
+def open_study(tc: TuneConfig, storage, directions: list[str], pruner):
+    """Create the study, or join it. The worker that creates it samples with --sampler-seed (one
+    worker reproduces a search); a joining worker, and a resumed search, with a seed derived from it
+    and this process, so workers do not repeat each other's random start-up trials. The constant
+    liar makes TPE treat other workers' running trials as bad results instead of sampling next to them."""
+    import hashlib
+
+    import optuna
+
+    def sampler(seed: int):
+        # TPE handles several objectives itself (MOTPE).
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+    kwargs = {"study_name": tc.study_name, "storage": storage, "directions": directions, "pruner": pruner}
+    try:
+        try:
+            return optuna.create_study(sampler=sampler(tc.sampler_seed), **kwargs)
+        except optuna.exceptions.DuplicatedStudyError:
+            worker = f"{socket.gethostname()}:{os.getpid()}".encode()
+            seed = (tc.sampler_seed + int(hashlib.sha256(worker).hexdigest()[:8], 16)) % 2**32
+            return optuna.create_study(sampler=sampler(seed), load_if_exists=True, **kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"study {tc.study_name!r}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def registration_claim(study, storage):
+    """Yields whether this worker registers the study's winner; a failed registration gives the
+    claim back, so the same command can register again."""
+    import optuna
+
+    marker = claim_registration(study, storage)
+    try:
+        yield bool(marker)
+    except BaseException:
+        if marker:
+            optuna.delete_study(study_name=marker, storage=storage)
+        raise
+
+
+def claim_registration(study, storage) -> str:
+    """One registration per study, however many workers: a worker registers only when its study is
+    over (no trial running, so every worker's trials count) and it is the first to create the marker
+    study `<study>:registered@<finished trials>` in the shared storage (creating a study is atomic on
+    every Optuna storage: names are unique). Workers finishing together see the same trials, so the
+    same marker; extending the study later (a larger --n-trials) registers its new winner once."""
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.RUNNING for t in trials):
+        click.echo("trials of other workers are running: the last worker to finish registers the winner", err=True)
+        return ""
+    marker = f"{study.study_name}:registered@{sum(t.state.is_finished() for t in trials)}"
+    try:
+        optuna.create_study(study_name=marker, storage=storage)
+    except optuna.exceptions.DuplicatedStudyError:
+        click.echo(f"the winner of this study is registered by another worker ({marker!r})", err=True)
+        return ""
+    return marker
 
 
 def make_pruner(name: str):
@@ -160,13 +241,7 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
         click.echo("multi-objective search: trials are not pruned (Optuna prunes single-objective studies only)",
                    err=True)
     wanted = [direction, "minimize"] if multi else [direction]  # the cost objective is always minimised
-    try:
-        # TPE handles several objectives itself (MOTPE).
-        study = optuna.create_study(study_name=tc.study_name, storage=storage, directions=wanted,
-                                    sampler=optuna.samplers.TPESampler(seed=tc.sampler_seed),
-                                    pruner=make_pruner("none" if multi else tc.pruner), load_if_exists=True)
-    except ValueError as exc:
-        raise ConfigError(f"study {tc.study_name!r}: {exc}") from exc
+    study = open_study(tc, storage, wanted, make_pruner("none" if multi else tc.pruner))
     stored = [d.name.lower() for d in study.directions]
     if stored != wanted:
         # load_if_exists keeps the stored directions: every new trial would end FAIL after training.
@@ -293,12 +368,15 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
         result = {"study": tc.study_name, "best_trial": best.number, "best_value": best_value,
                   "best_params": best.params, "best_run_id": best.user_attrs.get("mlflow_run_id")}
         name = cfg.tracking.registered_model_name
-        if name:
-            result.update(registry.register_best(
-                # With one strategy in the search it is not an Optuna parameter; the registry needs it.
-                base, best_run_id=result["best_run_id"], best_params={"strategy": space["strategy"][0], **best.params},
-                study_name=tc.study_name,
-                trial_number=best.number, metric=metric, value=best_value, evaluate_test=tc.evaluate_test))
+        with registration_claim(study, storage) if name else contextlib.nullcontext(False) as mine:
+            if mine:
+                result.update(registry.register_best(
+                    # With one strategy in the search it is not an Optuna parameter; the registry needs it.
+                    base, best_run_id=result["best_run_id"],
+                    best_params={"strategy": space["strategy"][0], **best.params}, study_name=tc.study_name,
+                    trial_number=best.number, metric=metric, value=best_value, evaluate_test=tc.evaluate_test))
+            elif name:
+                result["registered_by"] = "another worker"
         mlflow.log_dict(result, "study/result.json")
     return result
 

@@ -66,17 +66,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` on 127.0.0.1 with its store and artifacts in `folder`; waits for /health."""
+def start_mlflow_server(folder: Path, port: int, store: str = "") -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1 with its store (default: sqlite) and artifacts in `folder`;
+    waits for /health. Clients reach the artifacts through the server (proxied), never the folder."""
     log = open(folder / "server.log", "a")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts")],
+         "--backend-store-uri", store or f"sqlite:///{folder}/mlflow.db",
+         "--artifacts-destination", str(folder / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True,  # its workers die with it
     )
     log.close()
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 180  # a fresh PostgreSQL store runs every migration first
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
@@ -124,3 +126,15 @@ def tracking(mlflow_server):
 def run_cli(args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: int = 300):
     return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of this session (tests/postgres.py); its URL without a database name."""
+    from tests import postgres as pg
+
+    if pg.bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed: run `make install-services` as root (Debian's postgresql "
+                    "package), then the team tests run")
+    with pg.cluster(free_port()) as server:
+        yield server
