@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(abspath $(VENV))/bin
 ARGS   ?=
+# `mlflow run` ignores the `experiment_name` parameter (it opens the run itself) but reads this, so
+# runs land where `make compare` / `python -m src.compare` look; set it to use another experiment.
+export MLFLOW_EXPERIMENT_NAME ?= imdb-sentiment
+# The offline error names the fix in `make`'s spelling (ARGS="-P ...") when it sees this.
+export IMDB_SENTIMENT_VIA_MAKE := 1
 # `mlflow run --env-manager local` starts `python -m src.train` from PATH: make it the venv's.
 RUN    := PATH="$(BIN):$$PATH" MLFLOW_DISABLE_TELEMETRY=true
 
