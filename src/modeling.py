@@ -209,7 +209,13 @@ def build_model(name: str, strategy: str, labels: list[str], lora: LoraConfig,
 
 
 def wrap_lora(model, lora: LoraConfig):
+    import warnings
+
     import peft
+
+    # peft asks transformers for its deprecated `is_gradient_checkpointing` on every PeftModel
+    # (peft_model.py); nothing the project does can avoid it, so it is not shown.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     model_type = model.config.model_type
     targets = resolve_targets(model_type, lora)
