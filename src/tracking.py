@@ -205,11 +205,14 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
         else:
             if not inside_project and not nested:
                 mlflow.set_experiment(cfg.tracking.experiment_name)
+            derived = not (name or cfg.tracking.run_name)
             name = name or cfg.tracking.run_name or cfg.default_run_name()
             # Tags go in with the creation itself: a process killed a moment later leaves a run that
             # still says which study and trial it belongs to, so a restarted worker can close it.
             active = mlflow.start_run(run_name=None if inside_project else name, nested=nested,
                                       tags=None if inside_project else tags)
+            if derived and _name_taken(active, name):
+                name = f"{name}-e{cfg.train.epochs}"  # e.g. the same recipe trained longer
             mlflow.set_tags({"mlflow.runName": name, **(tags or {})})
         yield active
     except (KeyboardInterrupt, *killed_on):
@@ -228,6 +231,12 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
         _close(active, "FINISHED")
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _name_taken(active: mlflow.ActiveRun, name: str) -> bool:
+    others = mlflow.MlflowClient().search_runs(
+        [active.info.experiment_id], f"attributes.run_name = '{name}'", max_results=2)
+    return any(r.info.run_id != active.info.run_id for r in others)
 
 
 def _opened(active, outer):
@@ -263,10 +272,11 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
               "test_texts_in_train": splits.test_in_train,
               "duplicate_train_texts": splits.duplicate_train_texts,
               "conflicting_train_texts": splits.conflicting_train_texts}
+    dataset = Path(cfg.data.train_data).name if cfg.data.train_data else cfg.data.dataset
+    values["dataset"] = dataset  # what was used: the file, when files are given
     fresh = {k: str(v) for k, v in values.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
-    dataset = Path(cfg.data.train_data).name if cfg.data.train_data else cfg.data.dataset
     mlflow.set_tags({"strategy": cfg.model.strategy, "model": cfg.model.model, "dataset": dataset})
     contract = data_contract(splits, cfg.data.split_seed, tokenizer)
     mlflow.set_tags(contract)
