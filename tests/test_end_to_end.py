@@ -256,3 +256,17 @@ def test_compare_page_has_common_top_level_figures(tracking, full_run, lora_run)
     note = lora_run.data.tags["mlflow.note.content"]
     assert note.startswith("LoRA r4 ") and f"test acc {lora_run.data.metrics['test/accuracy']:.3f}," in note
     assert full_run.data.tags["mlflow.note.content"].startswith("Full fine-tuning: test acc ")
+
+
+def test_names_say_what_was_used(tracking, distilbert_dir, data_files):
+    """Local files: the dataset param names the file; the same derived name twice: the second gets -e<epochs>."""
+    from tests.conftest import run_cli
+
+    tiny = ["--model", str(distilbert_dir), "--train-data", str(data_files[0]), "--test-data", str(data_files[1]),
+            "--epochs", "1", "--max-train-samples", "32", "--max-test-samples", "16", "--experiment-name", "names"]
+    for _ in range(2):
+        proc = run_cli(tiny)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = tracking.search_runs([tracking.get_experiment_by_name("names").experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.info.run_name for r in runs] == ["lora-r8-a32-lr5e-4", "lora-r8-a32-lr5e-4-e1"]
+    assert {r.data.params["dataset"] for r in runs} == {"train.parquet"}
