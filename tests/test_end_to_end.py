@@ -267,6 +267,7 @@ def test_names_say_what_was_used(tracking, distilbert_dir, data_files):
     for _ in range(2):
         proc = run_cli(tiny)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = tracking.search_runs([tracking.get_experiment_by_name("names").experiment_id], order_by=["attributes.start_time ASC"])
+    experiment = tracking.get_experiment_by_name("names").experiment_id
+    runs = tracking.search_runs([experiment], order_by=["attributes.start_time ASC"])
     assert [r.info.run_name for r in runs] == ["lora-r8-a32-lr5e-4", "lora-r8-a32-lr5e-4-e1"]
     assert {r.data.params["dataset"] for r in runs} == {"train.parquet"}
