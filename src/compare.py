@@ -168,6 +168,10 @@ def results_table(runs, champions: set[str] = frozenset()):
     return table.drop(columns="_order").reset_index(drop=True)
 
 
+LEGEND = ("`front`: P = on the Pareto front of validation accuracy against trainable parameters (no other run "
+          "is at least as accurate with fewer); C = the registered model's champion.")
+
+
 def markdown(table) -> str:
     """A GitHub table; pandas' to_markdown would need `tabulate` for this alone. `front`: on the
     accuracy/trainable-parameters Pareto front (P), the registered champion (C)."""
@@ -181,6 +185,7 @@ def markdown(table) -> str:
     lines = ["| " + " | ".join(SHOWN) + " |", "|" + "---|" * len(SHOWN)]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(cell(row[col], fmt) for col, fmt in SHOWN.values()) + " |")
+    lines += ["", LEGEND]
     return "\n".join(lines) + "\n"
 
 

@@ -158,7 +158,8 @@ class TrainConfig:
     selection_metric: str = _opt("accuracy", "Validation metric that picks the best epoch and early-stops.",
                                  choices=SELECTION_METRICS)
     early_stopping_patience: int = _opt(0, "Stop after this many epochs without validation improvement (0 = off).")
-    logging_steps: int = _opt(10, "Log the mean training loss every this many optimizer steps.")
+    logging_steps: int = _opt(10, "Log the mean training loss every this many optimizer steps and at the end of "
+                                  "each epoch.")
     checkpoint_dir: str = _opt("checkpoints", "Checkpoints go to <dir>/<run id>/last.pt after every epoch and on "
                                "Ctrl-C/SIGTERM; removed when the run finishes. Empty = none.")
     checkpoint_steps: int = _opt(0, "Also checkpoint every this many optimizer steps (0 = per epoch only).")

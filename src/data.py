@@ -56,6 +56,20 @@ def read_file(path: str) -> pd.DataFrame:
         raise ConfigError(f"could not read {path} as {kind}: {str(exc).splitlines()[0]}") from exc
 
 
+def offline_fix() -> str:
+    """The way to local files, spelled for the command that was typed: make, `mlflow run` or the CLI."""
+    files = {"train_data": "/abs/train.parquet", "test_data": "/abs/test.parquet", "model": "/abs/model-folder"}
+    project = " ".join(f"-P {k}={v}" for k, v in files.items())
+    if os.environ.get("IMDB_SENTIMENT_MAKE_TARGET"):
+        how = f'run `make {os.environ["IMDB_SENTIMENT_MAKE_TARGET"]} ARGS="{project}"`'
+    elif os.environ.get("MLFLOW_RUN_ID"):
+        how = f"add `{project}` to `mlflow run`"
+    else:
+        how = "pass " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in files.items())
+    return (f"{how} (the model must be local too: a folder written by save_pretrained), and set "
+            "HF_HUB_OFFLINE=1 so nothing waits for the hub")
+
+
 def _read_hub(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     import datasets
 
@@ -63,7 +77,7 @@ def _read_hub(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         ds = datasets.load_dataset(name)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"could not load hub dataset {name!r} ({str(exc).splitlines()[0]}); "
-                          "offline? pass --train-data and --test-data files instead") from exc
+                          f"offline? {offline_fix()}") from exc
     if "train" not in ds or "test" not in ds:
         raise ConfigError(f"hub dataset {name!r} has splits {list(ds)}, needs 'train' and 'test'")
     return ds["train"].to_pandas(), ds["test"].to_pandas()

@@ -169,7 +169,7 @@ def _run_experiment(cfg: RunConfig, held, *, nested: bool = False, tags: dict[st
         # val/accuracy etc. are per-epoch histories; val/best_* hold the selected epoch for comparisons.
         val = tracking.log_evaluation("val", result.best_val, splits.labels, prefix="best_",
                                       lengths=encoded["val"].lengths, max_length=cfg.data.max_length,
-                                      temperature=temperature)
+                                      temperature=temperature, headline=not evaluate_test)
         test: dict[str, float] = {}
         if evaluate_test:
             # The test split is touched once, after model selection on validation.
@@ -178,7 +178,9 @@ def _run_experiment(cfg: RunConfig, held, *, nested: bool = False, tags: dict[st
                                                                         cfg.train.compile))
             test = tracking.log_evaluation("test", test_ev, splits.labels, splits.test["text"].tolist(),
                                            lengths=encoded["test"].lengths, max_length=cfg.data.max_length,
-                                           temperature=temperature)
+                                           temperature=temperature, headline=True)
+        outcome = Outcome(run_id, val, test, counts.trainable, counts.total, result.best_epoch, result.train_seconds)
+        tracking.log_summary(cfg, model, outcome)
         if cfg.model.strategy == "lora" or keep_weights:
             tracking.log_trained(model, tokenizer, "adapter" if cfg.model.strategy == "lora" else "weights")
         if cfg.tracking.registered_model_name:
@@ -189,7 +191,7 @@ def _run_experiment(cfg: RunConfig, held, *, nested: bool = False, tags: dict[st
             publish(model, tokenizer, splits, gate_ev, gate_split, cfg, temperature, contract)
         if saver is not None:
             saver.remove()  # finished: the model and its metrics are in MLflow now
-        return Outcome(run_id, val, test, counts.trainable, counts.total, result.best_epoch, result.train_seconds)
+        return outcome
 
 
 def _train_quietly(cfg: RunConfig, prepared: Prepared, dist, evaluate_test: bool) -> Outcome:

@@ -475,7 +475,8 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                if step % cfg.logging_steps == 0:
+                # and at an epoch's last step, so every epoch has a training-loss point whatever logging_steps
+                if step % cfg.logging_steps == 0 or i + 1 == len(batches):
                     if dist.world > 1:
                         import torch.distributed as tdist
 

@@ -152,7 +152,12 @@ def load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"could not load a tokenizer from {name!r} ({str(exc).splitlines()[0]})") from exc
+        from pathlib import Path
+
+        from .data import offline_fix
+
+        hint = "" if Path(name).is_dir() else f"; offline? {offline_fix()}"
+        raise ConfigError(f"could not load a tokenizer from {name!r} ({str(exc).splitlines()[0]}){hint}") from exc
 
 
 def attention_dropout_override(config, attention_dropout: float | None) -> dict:
@@ -204,7 +209,13 @@ def build_model(name: str, strategy: str, labels: list[str], lora: LoraConfig,
 
 
 def wrap_lora(model, lora: LoraConfig):
+    import warnings
+
     import peft
+
+    # peft asks transformers for its deprecated `is_gradient_checkpointing` on every PeftModel
+    # (peft_model.py); nothing the project does can avoid it, so it is not shown.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     model_type = model.config.model_type
     targets = resolve_targets(model_type, lora)

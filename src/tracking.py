@@ -222,11 +222,14 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
         else:
             if not inside_project and not nested:
                 mlflow.set_experiment(cfg.tracking.experiment_name)
+            derived = not (name or cfg.tracking.run_name)
             name = name or cfg.tracking.run_name or cfg.default_run_name()
             # Tags go in with the creation itself: a process killed a moment later leaves a run that
             # still says which study and trial it belongs to, so a restarted worker can close it.
             active = mlflow.start_run(run_name=None if inside_project else name, nested=nested,
                                       tags=None if inside_project else tags)
+            if derived and _name_taken(active, name):
+                name = f"{name}-e{cfg.train.epochs}"  # e.g. the same recipe trained longer
             mlflow.set_tags({"mlflow.runName": name, **(tags or {})})
         yield active
     except (KeyboardInterrupt, *killed_on):
@@ -245,6 +248,12 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
         _close(active, "FINISHED")
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _name_taken(active: mlflow.ActiveRun, name: str) -> bool:
+    others = mlflow.MlflowClient().search_runs(
+        [active.info.experiment_id], f"attributes.run_name = '{name}'", max_results=2)
+    return any(r.info.run_id != active.info.run_id for r in others)
 
 
 def _opened(active, outer):
@@ -280,10 +289,11 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
               "test_texts_in_train": splits.test_in_train,
               "duplicate_train_texts": splits.duplicate_train_texts,
               "conflicting_train_texts": splits.conflicting_train_texts}
+    dataset = Path(cfg.data.train_data).name if cfg.data.train_data else cfg.data.dataset
+    values["dataset"] = dataset  # what was used: the file, when files are given
     fresh = {k: str(v) for k, v in values.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
-    dataset = Path(cfg.data.train_data).name if cfg.data.train_data else cfg.data.dataset
     mlflow.set_tags({"strategy": cfg.model.strategy, "model": cfg.model.model, "dataset": dataset})
     contract = data_contract(splits, cfg.data.split_seed, tokenizer)
     mlflow.set_tags(contract)
@@ -324,12 +334,17 @@ def data_contract(splits, split_seed: int, tokenizer=None) -> dict[str, str]:
     return tags
 
 
+HEADLINE_FIGURES = ("confusion_matrix.png", "roc_curve.png")
+
+
 def log_evaluation(split: str, ev, names: list[str], texts: list[str] | None = None,
                    prefix: str = "", lengths=None, max_length: int = 0,
-                   temperature: float = 1.0) -> dict[str, float]:
+                   temperature: float = 1.0, headline: bool = False) -> dict[str, float]:
     """Metrics as `<split>/<prefix><name>`; artifacts under `<split>/`: confusion matrix (PNG and
     JSON), ROC curve, reliability diagram, classification report and, given texts, the most confident
-    mistakes; given token lengths, metrics per length slice and per class.
+    mistakes; given token lengths, metrics per length slice and per class. With `headline`, the
+    confusion matrix and ROC curve also go to the top level, the only files MLflow's compare page
+    shows side by side.
 
     With a temperature other than 1 the metrics are those of the calibrated probabilities (what the
     served model returns), and `ece_uncalibrated` / `brier_uncalibrated` keep the raw ones."""
@@ -358,11 +373,46 @@ def log_evaluation(split: str, ev, names: list[str], texts: list[str] | None = N
         figures.append((evaluate.slice_figure(table, f"{split} accuracy by slice"), "slices.png"))
     for fig, file in figures:
         mlflow.log_figure(fig, f"{split}/{file}")
+        if headline and file in HEADLINE_FIGURES:
+            mlflow.log_figure(fig, file)
         plt.close(fig)
     mlflow.log_dict(evaluate.report(ev, names), f"{split}/classification_report.json")
     if texts is not None:
         mlflow.log_table(evaluate.worst_errors(ev, texts, names, slices=slices), f"{split}/misclassified.json")
     return values
+
+
+def log_summary(cfg: RunConfig, model, outcome) -> str:
+    """`summary.json` at the top level and the run's description (`mlflow.note.content`): the
+    one-line result a user reads in the runs table; returns that line."""
+    scored, split = (outcome.test, "test") if outcome.test else (outcome.val, "val")
+    pct = 100 * outcome.trainable_params / max(outcome.total_params, 1)
+    mlflow.log_dict({"strategy": cfg.model.strategy, "model": cfg.model.model,
+                     "trainable_params": outcome.trainable_params, "total_params": outcome.total_params,
+                     "trainable_pct": round(pct, 3), "best_epoch": outcome.best_epoch,
+                     **{f"val_{k}": round(outcome.val[k], 4) for k in ("accuracy", "f1") if k in outcome.val},
+                     **{f"test_{k}": round(outcome.test[k], 4) for k in ("accuracy", "f1") if k in outcome.test},
+                     "train_seconds": round(outcome.train_seconds, 1)}, "summary.json")
+    minutes = outcome.train_seconds / 60
+    took = f"{minutes:.0f} min" if minutes >= 1 else f"{outcome.train_seconds:.0f} s"
+    line = (f"{strategy_label(cfg, model)}: {split} acc {scored['accuracy']:.3f}, F1 {scored['f1']:.3f}, "
+            f"{_count(outcome.trainable_params)} trainable ({pct:.3g}%), {took}")
+    mlflow.set_tag("mlflow.note.content", line)
+    return line
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
+
+
+def strategy_label(cfg: RunConfig, model) -> str:
+    """'LoRA r8 q_lin/k_lin/v_lin' (the modules peft adapted) or 'Full fine-tuning'."""
+    if cfg.model.strategy != "lora":
+        return "Full fine-tuning"
+    targets = getattr(model, "peft_config", {}).get("default")
+    modules = sorted(targets.target_modules) if targets is not None and targets.target_modules else []
+    where = "/".join(modules) if modules else cfg.lora.lora_target_modules
+    return f"LoRA r{cfg.lora.lora_r} {where}"
 
 
 def log_trained(model, tokenizer, artifact_path: str) -> None:

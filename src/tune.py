@@ -280,7 +280,8 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
                 if multi:
                     return
                 trial.report(values[metric], epoch)
-                if trial.should_prune():
+                # after the last epoch the trial has trained fully: its result counts, pruned or not
+                if epoch < tcfg.train.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
             def remember(run_id: str) -> None:
@@ -406,7 +407,9 @@ def _log_figures(study, metric: str, cost: str = "") -> None:
     from optuna.visualization import matplotlib as ovm
 
     # With two objectives the single-objective plots show the quality objective.
-    target = {"target": (lambda t: t.values[0]), "target_name": metric} if cost else {}
+    target = {"target_name": f"val {metric}"}  # not Optuna's "Objective Value"
+    if cost:
+        target["target"] = lambda t: t.values[0]
     plots = {
         "optimization_history.png": lambda: ovm.plot_optimization_history(study, **target),
         "param_importances.png": lambda: ovm.plot_param_importances(study, **target),
@@ -423,7 +426,12 @@ def _log_figures(study, metric: str, cost: str = "") -> None:
         except Exception as exc:  # noqa: BLE001 - e.g. importances need two complete trials
             mlflow.log_text(f"not drawn: {exc}", f"study/{name}.txt")
             continue
-        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        first = ax.flat[0] if hasattr(ax, "flat") else ax
+        if name == "optimization_history.png":
+            from matplotlib.ticker import MaxNLocator
+
+            first.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers
+        fig = first.figure
         fig.set_size_inches(8, 6)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # contour plots carry a colorbar axis tight_layout cannot place

@@ -119,3 +119,23 @@ def test_checkpoints_that_cannot_fit_the_disk_are_refused_before_work(tmp_path):
     assert check_space(tmp_path / "new" / "sub", trainable=1000) > 0  # a folder still to create is fine
     with pytest.raises(ConfigError, match=r"GiB free, checkpoints of this model need"):
         check_space(tmp_path, trainable=10**15)  # 32 PB of checkpoints
+
+
+@pytest.mark.parametrize("env, fix", [
+    ({}, "pass --train-data /abs/train.parquet --test-data /abs/test.parquet --model /abs/model-folder"),
+    ({"IMDB_SENTIMENT_MAKE_TARGET": "full"},
+     'run `make full ARGS="-P train_data=/abs/train.parquet -P test_data=/abs/test.parquet -P model=/abs/'),
+])
+def test_offline_hub_error_names_the_fix_in_the_commands_spelling(env, fix, distilbert_dir, tmp_path):
+    proc = run_cli(["--model", str(distilbert_dir), "--experiment-name", "bad-offline"], env=env, timeout=120)
+    last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
+    assert proc.returncode == 2 and last.startswith("error: could not load hub dataset 'imdb'"), proc.stderr[-2000:]
+    assert fix in last and "the model must be local too" in last and "HF_HUB_OFFLINE=1" in last
+
+
+def test_offline_fix_under_mlflow_run_uses_project_parameters(monkeypatch):
+    from src.data import offline_fix
+
+    monkeypatch.delenv("IMDB_SENTIMENT_MAKE_TARGET", raising=False)
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
+    assert offline_fix().startswith("add `-P train_data=/abs/train.parquet -P test_data=/abs/test.parquet -P model=")

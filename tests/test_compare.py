@@ -66,7 +66,8 @@ def test_compare_table_holds_the_tracked_numbers(tracking, three_runs, tmp_path)
     assert table.loc[0, "reduction_vs_full_pct"] == 0
 
     md = (out / "results.md").read_text().splitlines()
-    assert md[0].startswith("| strategy | run | front | val accuracy") and len(md) == 2 + 3
+    assert md[0].startswith("| strategy | run | front | val accuracy") and len([ln for ln in md if ln[:1] == "|"]) == 5
+    assert md[-1].startswith("`front`: P = on the Pareto front")
     # the smallest of the most accurate runs, and the smallest LoRA if it is as good as the other, are on it;
     # a run that another matches in accuracy with fewer parameters is not
     best = table[table["val_accuracy"] == table["val_accuracy"].max()]

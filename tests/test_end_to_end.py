@@ -220,3 +220,54 @@ def test_mlflow_models_serve_answers_http(lora_run, tmp_path):
     assert [sorted(r) for r in rows] == [["label", "prob_0", "prob_1"]] * 2
     assert all(abs(r["prob_0"] + r["prob_1"] - 1) < 1e-5 for r in rows)
     assert [r["label"] for r in rows] == ["1", "0"]
+
+
+def test_readme_run_lands_where_compare_reads(tracking, distilbert_dir, data_files, tmp_path):
+    """The README's first `mlflow run` line as typed (plus tiny data) puts its run in compare's experiment."""
+    import shlex
+
+    from src.config import CompareConfig
+
+    readme = (ROOT / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("mlflow run . -e lora"))
+    args = shlex.split(line, comments=True)
+    args[0], args[2] = str(BIN / "mlflow"), str(ROOT)
+    args += ["-P", f"model={distilbert_dir}", "-P", f"train_data={data_files[0]}", "-P", f"test_data={data_files[1]}",
+             "-P", "epochs=1", "-P", "max_train_samples=32", "-P", "max_test_samples=16"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(tracking, CompareConfig().experiment_name)
+    assert run.info.status == "FINISHED" and run.data.tags["strategy"] == "lora"
+
+
+def test_compare_page_has_common_top_level_figures(tracking, full_run, lora_run):
+    """MLflow's compare page shows only top-level artifact files: the key figures and summary sit there."""
+    import mlflow
+
+    roots = {}
+    for run in (full_run, lora_run):
+        roots[run.data.tags["strategy"]] = {f.path for f in tracking.list_artifacts(run.info.run_id) if not f.is_dir}
+    assert roots["full"] == roots["lora"] and {"confusion_matrix.png", "roc_curve.png", "summary.json"} <= roots["lora"]
+    summary = mlflow.artifacts.load_dict(f"runs:/{lora_run.info.run_id}/summary.json")
+    assert summary["strategy"] == "lora"
+    assert summary["trainable_params"] == int(lora_run.data.params["trainable_params"])
+    assert summary["test_accuracy"] == round(lora_run.data.metrics["test/accuracy"], 4)
+    note = lora_run.data.tags["mlflow.note.content"]
+    assert note.startswith("LoRA r4 ") and f"test acc {lora_run.data.metrics['test/accuracy']:.3f}," in note
+    assert full_run.data.tags["mlflow.note.content"].startswith("Full fine-tuning: test acc ")
+
+
+def test_names_say_what_was_used(tracking, distilbert_dir, data_files):
+    """Local files: the dataset param names the file; the same derived name twice: the second gets -e<epochs>."""
+    from tests.conftest import run_cli
+
+    tiny = ["--model", str(distilbert_dir), "--train-data", str(data_files[0]), "--test-data", str(data_files[1]),
+            "--epochs", "1", "--max-train-samples", "32", "--max-test-samples", "16", "--experiment-name", "names"]
+    for _ in range(2):
+        proc = run_cli(tiny)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    experiment = tracking.get_experiment_by_name("names").experiment_id
+    runs = tracking.search_runs([experiment], order_by=["attributes.start_time ASC"])
+    assert [r.info.run_name for r in runs] == ["lora-r8-a32-lr5e-4", "lora-r8-a32-lr5e-4-e1"]
+    assert {r.data.params["dataset"] for r in runs} == {"train.parquet"}

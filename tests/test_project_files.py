@@ -107,3 +107,18 @@ def test_requirements_pin_the_tested_stack():
     for pkg in ("transformers", "peft", "mlflow", "optuna", "datasets", "scikit-learn", "accelerate", "click"):
         assert pkg in pins
     assert yaml.safe_load((ROOT / "python_env.yaml").read_text())["python"] == "3.11.7"
+
+
+def test_readme_and_make_runs_land_where_compare_reads():
+    """`mlflow run` ignores `-P experiment_name`: the README's lines and the Makefile choose it."""
+    readme = (ROOT / "README.md").read_text()
+    # lines with $VARIABLES record measured runs as they were typed; the others are for copying
+    runs = [line for line in readme.splitlines() if line.startswith("mlflow run . -e ") and "$" not in line]
+    assert runs
+    for line in runs:
+        assert "--env-manager local" in line, line
+        if " -e compare " not in line:
+            assert "--experiment-name imdb-" in line, line
+    trains = [line for line in runs if " -e lora " in line or " -e full " in line]
+    assert all(f"--experiment-name {CompareConfig().experiment_name} " in line for line in (t + " " for t in trains))
+    assert f"MLFLOW_EXPERIMENT_NAME ?= {CompareConfig().experiment_name}" in (ROOT / "Makefile").read_text()

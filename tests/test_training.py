@@ -15,16 +15,19 @@ def _fit(model_dir, data_files, strategy, lr, seed=0, epochs=3):
     seed_everything(seed)
     model = build_model(str(model_dir), strategy, splits.labels, LoraConfig())
     cfg = TrainConfig(epochs=epochs, batch_size=16, learning_rate=lr, seed=seed, logging_steps=1)
-    seen = []
+    recorder = Recorder()
+    return fit(model, train, val, cfg, lr, 2, tok.pad_token_id, logger=recorder), recorder.seen
 
-    class Recorder:
-        def log_metrics(self, values, step):
-            seen.append((step, values))
 
-        def flush(self):
-            pass
+class Recorder:
+    def __init__(self):
+        self.seen = []
 
-    return fit(model, train, val, cfg, lr, 2, tok.pad_token_id, logger=Recorder()), seen
+    def log_metrics(self, values, step):
+        self.seen.append((step, values))
+
+    def flush(self):
+        pass
 
 
 def test_lora_learns_well_above_chance(distilbert_dir, data_files):
@@ -155,3 +158,17 @@ def test_compiled_steps_follow_the_eager_loss_trajectory(distilbert_dir, data_fi
     assert compiled.best_val.probs == pytest.approx(eager.best_val.probs, abs=1e-4)
     assert eager.warmup_seconds == 0 and compiled.warmup_seconds > 0 and compiled.warmup_samples == 16
     assert throughput(compiled)["train/warmup_s"] == compiled.warmup_seconds
+
+
+def test_training_loss_is_logged_every_epoch_whatever_logging_steps(distilbert_dir, data_files):
+    """logging_steps larger than an epoch still leaves one train/loss point per epoch."""
+    splits = load_splits(DataConfig(train_data=str(data_files[0]), test_data=str(data_files[1]),
+                                    max_train_samples=64))
+    tok = load_tokenizer(str(distilbert_dir))
+    train, val = tokenize(splits.train, tok, 64), tokenize(splits.val, tok, 64)
+    model = build_model(str(distilbert_dir), "lora", splits.labels, LoraConfig())
+    cfg = TrainConfig(epochs=2, batch_size=16, logging_steps=1000)
+    recorder = Recorder()
+    fit(model, train, val, cfg, 1e-3, 2, tok.pad_token_id, logger=recorder)
+    epochs = [v["train/epoch"] for _, v in recorder.seen if "train/loss" in v]
+    assert epochs == [1.0, 2.0]

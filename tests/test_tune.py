@@ -103,6 +103,7 @@ def test_pruning_prunes_a_bad_region(tracking, distilbert_dir, data_files, tmp_p
     study = optuna.load_study(study_name="prune", storage=tc.storage)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned, [(t.state, t.params) for t in study.trials]
+    assert all(t.last_step < 3 for t in pruned)  # a trial that trained every epoch is never pruned
     # what was pruned is the bad region: slower learning rates than every complete trial's best
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert min(t.params["learning_rate"] for t in pruned) < min(t.params["learning_rate"] for t in complete)
