@@ -69,7 +69,8 @@ class TrainState:
         state = {f.name: getattr(self, f.name) for f in fields(self)}  # no copy: asdict deep-copies tensors
         ev = self.best_val
         if ev is not None:
-            state["best_val"] = {"labels": torch.as_tensor(ev.labels), "probs": torch.as_tensor(ev.probs),
+            # copies: the arrays may be read-only views, which torch warns about sharing
+            state["best_val"] = {"labels": torch.tensor(ev.labels), "probs": torch.tensor(ev.probs),
                                  "loss": float(ev.loss)}
         state["best_score"] = None if self.best_score is None else float(self.best_score)
         state["best_metrics"] = _floats(self.best_metrics)
