@@ -435,9 +435,12 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
             counts=[result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen, result.train_seconds],
         ))
 
-    stop = StopOnSignal() if checkpointer is not None else None
+    # A flag, not an exception raised from the handler: a KeyboardInterrupt raised while Python runs a
+    # weakref callback or __del__ is printed and dropped, and the signal would be lost.
+    stop = StopOnSignal()
+    saved = "; checkpoint saved" if checkpointer is not None else ""
     epoch = first_epoch - 1
-    with stop or contextlib.nullcontext(), shapes.compiled(model):
+    with stop, shapes.compiled(model):
         for epoch in range(first_epoch, cfg.epochs + 1):
             trained.train()
             t0 = time.perf_counter()
@@ -488,10 +491,10 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
                     logger.log_metrics({"train/loss": mean_loss, "train/learning_rate": scheduler.get_last_lr()[0],
                                         "train/epoch": step / steps_per_epoch}, step=step)
-                if stop is not None and (stop.requested or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0)):
+                if stop.requested or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0):
                     snapshot(epoch, i + 1, rng_epoch)
                     if stop.requested:
-                        raise KeyboardInterrupt("stopped by a signal; checkpoint saved")
+                        raise KeyboardInterrupt(f"stopped by a signal{saved}")
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             result.train_seconds += time.perf_counter() - t0
@@ -511,8 +514,8 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
             if on_epoch is not None:
                 on_epoch(epoch, val_metrics)
             snapshot(epoch + 1, 0, rng.bit_generator.state)
-            if stop is not None and stop.requested:
-                raise KeyboardInterrupt("stopped by a signal; checkpoint saved")
+            if stop.requested:
+                raise KeyboardInterrupt(f"stopped by a signal{saved}")
             if cfg.early_stopping_patience and bad_epochs >= cfg.early_stopping_patience and epoch < cfg.epochs:
                 result.stopped_early = True
                 break

@@ -147,6 +147,7 @@ class MlflowLogger:
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         import time
 
+        raise_if_interrupted()
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -199,8 +200,20 @@ def check_resumable(run_id: str) -> None:
         raise ConfigError(f"run {run_id} already FINISHED; nothing to resume")
 
 
+_SIGNALS: list[int] = []  # SIGTERMs received and not yet handled by a run's close
+
+
 def _raise_interrupt(signum, frame):  # noqa: ARG001
+    _SIGNALS.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def raise_if_interrupted() -> None:
+    """Python prints and drops an exception raised while it runs a weakref callback or __del__, and a
+    signal handler may run just then (seen after a blocking call): the signal is remembered, so the
+    next check, at the latest the run's close, raises it again."""
+    if _SIGNALS:
+        raise KeyboardInterrupt(f"signal {_SIGNALS[-1]}")
 
 
 @contextlib.contextmanager
@@ -232,7 +245,9 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
                 name = f"{name}-e{cfg.train.epochs}"  # e.g. the same recipe trained longer
             mlflow.set_tags({"mlflow.runName": name, **(tags or {})})
         yield active
+        raise_if_interrupted()  # never FINISHED after a SIGTERM whose exception Python dropped
     except (KeyboardInterrupt, *killed_on):
+        _SIGNALS.clear()
         _close(_opened(active, outer), "KILLED")
         raise
     except BaseException:

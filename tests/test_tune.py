@@ -176,7 +176,10 @@ def test_killed_worker_resumes_without_orphan_runs(tracking, distilbert_dir, dat
 def test_interrupted_trial_fails_and_the_study_continues(tracking, distilbert_dir, data_files, tmp_path):
     storage = f"sqlite:///{tmp_path}/o.db"
     cmd = tune_cmd(distilbert_dir, data_files, storage, "interrupt", "tune-interrupt", 2)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A long first trial (the last --epochs wins), so the signal lands while it trains even when a
+    # 2-epoch trial of the tiny model takes less than a second.
+    proc = subprocess.Popen([*cmd, "--epochs", "40"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     try:
         deadline = time.time() + 240
         while time.time() < deadline:  # SIGTERM while the first trial trains
