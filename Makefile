@@ -1,6 +1,7 @@
 # make lora | full  : a fresh .venv, the pinned install, then `mlflow run` (ARGS="-P epochs=1 ...")
 # make compare      : results table and charts of tracked runs (ARGS="--experiment-name ...")
-# make test         : the whole offline test suite
+# make test         : the whole offline test suite (what CI runs)
+# make test-fast    : the quick subset for iterating (pytest -m "not slow")
 # make install-services : Debian's postgresql (the team tests' database), when missing; as root
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,7 +14,7 @@ MLFLOW_EXPERIMENT_NAME ?= imdb-sentiment
 # `mlflow run --env-manager local` starts `python -m src.train` from PATH: make it the venv's.
 RUN    := PATH="$(BIN):$$PATH" MLFLOW_DISABLE_TELEMETRY=true
 
-.PHONY: install install-services lora full compare test lint clean
+.PHONY: install install-services lora full compare test test-fast lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,9 @@ compare: install
 
 test: install
 	$(RUN) $(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(RUN) $(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

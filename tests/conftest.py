@@ -16,6 +16,17 @@ import pytest
 from tests.builders import write_data, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
+# `make test-fast` leaves these out (-m "not slow"): they train several models, start servers or
+# launch processes. `make test`, what CI runs, is every test.
+SLOW_MODULES = {"test_bad_input", "test_compare", "test_distributed", "test_end_to_end", "test_lifecycle",
+                "test_model_safety", "test_quality", "test_registry", "test_resume", "test_secrets", "test_team",
+                "test_tune"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 BIN = Path(sys.executable).parent
 
 
