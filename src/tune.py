@@ -122,7 +122,9 @@ def claim_registration(study, storage) -> str:
     import optuna
     from optuna.trial import TrialState
 
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():  # experimental since Optuna 2.9 and unchanged since; the heartbeat's own sweep
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.RUNNING for t in trials):
         click.echo("trials of other workers are running: the last worker to finish registers the winner", err=True)

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 import mlflow
+import pandas as pd
 import pytest
 
 from src.config import ConfigError
@@ -27,7 +28,7 @@ class Planted(mlflow.pyfunc.PythonModel):
     def __reduce__(self):
         return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
-    def predict(self, context, model_input, params=None):  # noqa: ARG002
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # noqa: ARG002 - hinted: no MLflow advice
         return model_input
 
 
