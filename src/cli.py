@@ -105,31 +105,6 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         raise  # unreachable; keeps type checkers calm
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@config_options
-def train(**values: Any) -> None:
-    """Fine-tune a sequence classifier (full or LoRA) and track everything in MLflow."""
-    cfg = build_config(values)
-    from .experiment import run_experiment
-
-    quiet_libraries()
-    try:
-        out = run_experiment(cfg)
-    except ConfigError as exc:
-        fail(exc)
-        return
-    from .loop import close_distributed
-
-    close_distributed()
-    if not out.run_id:
-        return  # a non-zero rank of a data-parallel job: rank 0 reports
-    click.echo(
-        f"run {out.run_id}: best epoch {out.best_epoch}, val accuracy {out.val['accuracy']:.4f} "
-        f"f1 {out.val['f1']:.4f}; test accuracy {out.test['accuracy']:.4f} f1 {out.test['f1']:.4f}; "
-        f"trainable params {out.trainable_params:,} of {out.total_params:,}"
-    )
-
-
 def quiet_libraries() -> None:
     """The expected 'newly initialized classifier' notice and similar chatter hide real output."""
     import transformers
@@ -149,10 +124,6 @@ def main(command: click.Command, prog_name: str) -> None:
         sys.exit(130)
 
 
-def train_main() -> None:
-    main(train, "python -m src.train")
-
-
 def _script(module: str, command: str):
     """A console script of pyproject.toml: imports its module only when run, as `python -m` does."""
     def run() -> None:
@@ -162,6 +133,6 @@ def _script(module: str, command: str):
     return run
 
 
-tune_main, compare_main, predict_main = _script("tune", "tune"), _script("compare", "compare"), _script(
-    "predict", "predict")
+train_main, tune_main = _script("train", "train"), _script("tune", "tune")
+compare_main, predict_main = _script("compare", "compare"), _script("predict", "predict")
 serve_main, registry_main = _script("serve", "serve"), _script("registry", "registry")

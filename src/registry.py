@@ -17,7 +17,6 @@ for a stricter one. Every model is read through `serving.load`: nothing from the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -117,7 +116,6 @@ def policy_alpha(client, name: str) -> float:
 
 def version_labels(name: str, version: str) -> list[str]:
     """The label map a version was logged with, read from its artifacts (tags can be edited)."""
-    import tempfile
     from pathlib import Path
 
     from . import serving
@@ -176,7 +174,7 @@ def gather_evidence(client, name: str, champion, cand: Candidate, alpha: float) 
     seen = set(cand.train_hashes)
     champion_hashes = serving.train_text_hashes(f"models:/{name}/{champion.version}") if champion else set()
     seen |= champion_hashes or set()
-    keep = np.array([h not in seen for h in map(_hash, cand.texts)], dtype=bool)
+    keep = np.array([serving.text_hash(t) not in seen for t in cand.texts], dtype=bool)
     texts = [t for t, k in zip(cand.texts, keep, strict=True) if k]
     truth, preds = cand.truth[keep], cand.preds[keep]
     if not len(texts):
@@ -200,12 +198,6 @@ def gather_evidence(client, name: str, champion, cand: Candidate, alpha: float) 
     evidence.against, evidence.excluded_seen_in_training = against, int((~keep).sum())
     evidence.note = "; ".join(notes)
     return evidence
-
-
-def _hash(text: str) -> str:
-    from . import serving
-
-    return next(iter(serving.text_hashes([text])))
 
 
 def _contract_notes(client, champion, contract: dict[str, str]) -> list[str]:
@@ -372,68 +364,6 @@ def publish(model, tokenizer, splits, ev, split: str, cfg: RunConfig, temperatur
     decision = register_gated(cand, cfg.tracking.registered_model_name, cfg.tracking.promotion_alpha, version_tags)
     click.echo(describe(decision), err=True)
     return decision
-
-
-def register_best(cfg: RunConfig, *, best_run_id: str, best_params: dict[str, Any], study_name: str,
-                  trial_number: int, metric: str, value: float, evaluate_test: bool) -> dict[str, Any]:
-    """Rebuild the winning trial from its logged adapter or weights (safetensors; no retraining),
-    optionally test it once, then publish it in the current (parent) run."""
-    import mlflow
-
-    from . import tracking
-    from .evaluate import fit_temperature
-    from .experiment import prepare
-    from .loop import pick_device, predict, resolve_precision
-
-    strategy = best_params.get("strategy", "lora")
-    lora = dataclasses.replace(cfg.lora, **{k: v for k, v in best_params.items() if k.startswith("lora_")})
-    cfg = dataclasses.replace(cfg, lora=lora)
-    prepared = prepare(cfg)
-    splits, encoded, tokenizer = prepared.splits, prepared.encoded, prepared.tokenizer
-    result: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        device = pick_device()
-        dtype = resolve_precision(cfg.train.precision, device)
-        model = _trained_model(cfg, strategy, best_run_id, splits.labels, tmp).to(device)
-
-        def score(split: str):
-            return predict(model, encoded[split], cfg.train.eval_batch_size, tokenizer.pad_token_id, device, dtype,
-                           progress=f"{split} (winner)")
-
-        temperature = 1.0
-        if cfg.train.temperature_scaling:
-            temperature = fit_temperature(score("val"))
-            mlflow.log_metric("calibration/temperature", temperature)
-        split = "test" if evaluate_test else "val"  # the gate's held-out examples
-        ev = score(split)
-        if evaluate_test:
-            result["test"] = tracking.log_evaluation("test", ev, splits.labels, splits.test["text"].tolist(),
-                                                     lengths=encoded["test"].lengths,
-                                                     max_length=cfg.data.max_length, temperature=temperature)
-        contract = tracking.data_contract(splits, cfg.data.split_seed, tokenizer)
-        mlflow.set_tags(contract)  # the study's run holds the registered model: it carries the data tags
-        tags = {"optuna.study": study_name, "optuna.trial": trial_number, "trial_run_id": best_run_id,
-                "val_metric": metric, "val_metric_value": value, **{f"param.{k}": v for k, v in best_params.items()}}
-        decision = publish(model, tokenizer, splits, ev, split, cfg, temperature, contract, tags)
-    result.update({"registered_model": cfg.tracking.registered_model_name, "version": decision["candidate_version"],
-                   "alias": decision["decision"], "decision": decision})
-    return result
-
-
-def _trained_model(cfg: RunConfig, strategy: str, run_id: str, labels: list[str], tmp: str):
-    """A trial's model from its logged files: the LoRA adapter on the base model, or the full weights."""
-    import mlflow
-    import peft
-
-    from .modeling import build_model
-
-    if strategy == "lora":
-        adapter = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=tmp)
-        base = build_model(cfg.model.model, "full", labels, cfg.lora)
-        # peft reads adapter_model.safetensors, or a .bin with torch.load(weights_only=True): no pickle runs.
-        return peft.PeftModel.from_pretrained(base, adapter)
-    weights = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="weights", dst_path=tmp)
-    return build_model(weights, "full", labels, cfg.lora)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

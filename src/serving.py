@@ -45,12 +45,16 @@ def requirements() -> list[str]:
     return [f"{pkg}=={Version(version(pkg)).public}" for pkg in ("mlflow", "torch", "transformers", "pandas", "numpy")]
 
 
-def text_hashes(texts) -> set[str]:
-    """16 hex digits of sha256 per text: enough to tell which examples a model trained on, without
-    storing the texts themselves in the model."""
+def text_hash(text: str) -> str:
+    """16 hex digits of sha256: enough to tell which examples a model trained on, without storing
+    the texts themselves in the model."""
     import hashlib
 
-    return {hashlib.sha256(str(t).encode()).hexdigest()[:16] for t in texts}
+    return hashlib.sha256(str(text).encode()).hexdigest()[:16]
+
+
+def text_hashes(texts) -> set[str]:
+    return {text_hash(t) for t in texts}
 
 
 def check_texts(values: list[Any], max_batch_size: int) -> list[str]:

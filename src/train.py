@@ -4,10 +4,44 @@
     mlflow run . -e lora -P lora_r=16 -P learning_rate=5e-4
 
 Only the command lives here so `--help` answers at once; the loop is in `loop.py`, the whole
-run (data -> model -> loop -> evaluation -> MLflow) in `experiment.py`.
+run (data -> model -> loop -> evaluation -> MLflow) in `experiment.py`. An entry point: it imports
+the orchestration, which imports nothing back from here.
 """
 
-from .cli import train_main
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .cli import build_config, config_options, fail, main, quiet_libraries
+from .config import ConfigError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@config_options
+def train(**values: Any) -> None:
+    """Fine-tune a sequence classifier (full or LoRA) and track everything in MLflow."""
+    cfg = build_config(values)
+    from .experiment import run_experiment
+
+    quiet_libraries()
+    try:
+        out = run_experiment(cfg)
+    except ConfigError as exc:
+        fail(exc)
+        return
+    from .loop import close_distributed
+
+    close_distributed()
+    if not out.run_id:
+        return  # a non-zero rank of a data-parallel job: rank 0 reports
+    click.echo(
+        f"run {out.run_id}: best epoch {out.best_epoch}, val accuracy {out.val['accuracy']:.4f} "
+        f"f1 {out.val['f1']:.4f}; test accuracy {out.test['accuracy']:.4f} f1 {out.test['f1']:.4f}; "
+        f"trainable params {out.trainable_params:,} of {out.total_params:,}"
+    )
+
 
 if __name__ == "__main__":
-    train_main()
+    main(train, "python -m src.train")

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import socket
+import tempfile
 import warnings
 from typing import Any
 
@@ -225,7 +226,7 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    from . import registry, tracking
+    from . import tracking
     from .experiment import prepare
     from .urls import identity, mask
 
@@ -373,7 +374,7 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
         name = cfg.tracking.registered_model_name
         with registration_claim(study, storage) if name else contextlib.nullcontext(False) as mine:
             if mine:
-                result.update(registry.register_best(
+                result.update(register_best(
                     # With one strategy in the search it is not an Optuna parameter; the registry needs it.
                     base, best_run_id=result["best_run_id"],
                     best_params={"strategy": space["strategy"][0], **best.params}, study_name=tc.study_name,
@@ -440,6 +441,68 @@ def _log_figures(study, metric: str, cost: str = "") -> None:
             fig.tight_layout()
         mlflow.log_figure(fig, f"study/{name}")
         plt.close(fig)
+
+
+def register_best(cfg: RunConfig, *, best_run_id: str, best_params: dict[str, Any], study_name: str,
+                  trial_number: int, metric: str, value: float, evaluate_test: bool) -> dict[str, Any]:
+    """Rebuild the winning trial from its logged adapter or weights (safetensors; no retraining),
+    optionally test it once, then publish it in the current (parent) run."""
+    import mlflow
+
+    from . import registry, tracking
+    from .evaluate import fit_temperature
+    from .experiment import prepare
+    from .loop import pick_device, predict, resolve_precision
+
+    strategy = best_params.get("strategy", "lora")
+    lora = dataclasses.replace(cfg.lora, **{k: v for k, v in best_params.items() if k.startswith("lora_")})
+    cfg = dataclasses.replace(cfg, lora=lora)
+    prepared = prepare(cfg)
+    splits, encoded, tokenizer = prepared.splits, prepared.encoded, prepared.tokenizer
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        device = pick_device()
+        dtype = resolve_precision(cfg.train.precision, device)
+        model = _trained_model(cfg, strategy, best_run_id, splits.labels, tmp).to(device)
+
+        def score(split: str):
+            return predict(model, encoded[split], cfg.train.eval_batch_size, tokenizer.pad_token_id, device, dtype,
+                           progress=f"{split} (winner)")
+
+        temperature = 1.0
+        if cfg.train.temperature_scaling:
+            temperature = fit_temperature(score("val"))
+            mlflow.log_metric("calibration/temperature", temperature)
+        split = "test" if evaluate_test else "val"  # the gate's held-out examples
+        ev = score(split)
+        if evaluate_test:
+            result["test"] = tracking.log_evaluation("test", ev, splits.labels, splits.test["text"].tolist(),
+                                                     lengths=encoded["test"].lengths,
+                                                     max_length=cfg.data.max_length, temperature=temperature)
+        contract = tracking.data_contract(splits, cfg.data.split_seed, tokenizer)
+        mlflow.set_tags(contract)  # the study's run holds the registered model: it carries the data tags
+        tags = {"optuna.study": study_name, "optuna.trial": trial_number, "trial_run_id": best_run_id,
+                "val_metric": metric, "val_metric_value": value, **{f"param.{k}": v for k, v in best_params.items()}}
+        decision = registry.publish(model, tokenizer, splits, ev, split, cfg, temperature, contract, tags)
+    result.update({"registered_model": cfg.tracking.registered_model_name, "version": decision["candidate_version"],
+                   "alias": decision["decision"], "decision": decision})
+    return result
+
+
+def _trained_model(cfg: RunConfig, strategy: str, run_id: str, labels: list[str], tmp: str):
+    """A trial's model from its logged files: the LoRA adapter on the base model, or the full weights."""
+    import mlflow
+    import peft
+
+    from .modeling import build_model
+
+    if strategy == "lora":
+        adapter = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=tmp)
+        base = build_model(cfg.model.model, "full", labels, cfg.lora)
+        # peft reads adapter_model.safetensors, or a .bin with torch.load(weights_only=True): no pickle runs.
+        return peft.PeftModel.from_pretrained(base, adapter)
+    weights = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="weights", dst_path=tmp)
+    return build_model(weights, "full", labels, cfg.lora)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

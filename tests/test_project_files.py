@@ -7,9 +7,10 @@ import sys
 
 import yaml
 
-from src.cli import option_name, train
+from src.cli import option_name
 from src.compare import compare
 from src.config import DEFAULT_LEARNING_RATE, CompareConfig, LoraConfig, TuneConfig, all_fields
+from src.train import train
 from src.tune import NOT_IN_PROJECT, SEARCHED, TUNE_DEFAULTS, tune
 from tests.conftest import ROOT
 
