@@ -4,7 +4,7 @@
     mlflow run . -e lora -P lora_r=16 -P learning_rate=5e-4
 
 Only the command lives here so `--help` answers at once; the loop is in `loop.py`, the whole
-run (data -> model -> loop -> evaluation -> MLflow) in `experiment.py`. An entry point: it imports
+run (data -> model -> loop -> evaluation -> MLflow) in `finetune.py`. An entry point: it imports
 the orchestration, which imports nothing back from here.
 """
 
@@ -23,11 +23,11 @@ from .config import ConfigError
 def train(**values: Any) -> None:
     """Fine-tune a sequence classifier (full or LoRA) and track everything in MLflow."""
     cfg = build_config(values)
-    from .experiment import run_experiment
+    from .finetune import finetune
 
     quiet_libraries()
     try:
-        out = run_experiment(cfg)
+        out = finetune(cfg)
     except ConfigError as exc:
         fail(exc)
         return

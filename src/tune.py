@@ -227,7 +227,7 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     from . import tracking
-    from .experiment import prepare
+    from .finetune import prepare
     from .urls import identity, mask
 
     space = tc.space()
@@ -298,12 +298,12 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
             return out.val[metric], float(out.trainable_params if cost == "trainable_params" else out.train_seconds)
 
         def run_and_tag(tcfg, tags, remember, report, trial):
-            from .experiment import run_experiment
+            from .finetune import finetune
 
             state = "FAIL"
             try:
                 # Full fine-tuning trials keep their weights: a full winner is registered from them.
-                out = run_experiment(tcfg, nested=True, tags=tags, on_start=remember, on_epoch=report,
+                out = finetune(tcfg, nested=True, tags=tags, on_start=remember, on_epoch=report,
                                      killed_on=(optuna.TrialPruned,), evaluate_test=False,
                                      keep_weights=tcfg.model.strategy == "full")
                 state = "COMPLETE"
@@ -451,7 +451,7 @@ def register_best(cfg: RunConfig, *, best_run_id: str, best_params: dict[str, An
 
     from . import registry, tracking
     from .evaluate import fit_temperature
-    from .experiment import prepare
+    from .finetune import prepare
     from .loop import pick_device, predict, resolve_precision
 
     strategy = best_params.get("strategy", "lora")

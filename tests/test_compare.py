@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from src.config import RunConfig
-from src.experiment import run_experiment
+from src.finetune import finetune
 from tests.conftest import ROOT
 from tests.test_end_to_end import artifact_paths, mlflow_run
 
@@ -26,7 +26,7 @@ def three_runs(tracking, distilbert_dir, data_files):
                                    "test_data": str(data_files[1]), "epochs": 1, "batch_size": 16,
                                    "learning_rate": 5e-3, "checkpoint_dir": "", "experiment_name": EXPERIMENT,
                                    **over})
-        ids[key] = run_experiment(cfg).run_id
+        ids[key] = finetune(cfg).run_id
     return ids
 
 

@@ -19,7 +19,7 @@ from src.evaluate import (
     length_slices,
     slice_table,
 )
-from src.experiment import run_experiment
+from src.finetune import finetune
 from src.loop import fit, predict, seed_everything
 from src.modeling import build_model, load_tokenizer
 from src.serving import TextClassifier
@@ -122,7 +122,7 @@ def test_calibrated_weighted_run_is_logged_served_and_guarded(tracking, distilbe
         "epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "max_length": 128, "checkpoint_dir": "",
         "class_weights": "balanced", "temperature_scaling": True, "registered_model_name": "calibrated-tiny",
         "experiment_name": "quality"})
-    out = run_experiment(cfg)
+    out = finetune(cfg)
     run = tracking.get_run(out.run_id)
     m, tags = run.data.metrics, run.data.tags
     temperature = m["calibration/temperature"]

@@ -97,16 +97,16 @@ def prepare(cfg: RunConfig) -> Prepared:
     return _PREPARED[key]
 
 
-def run_experiment(cfg: RunConfig, **options: Any) -> Outcome:
-    """One run (see `_run_experiment` for the options). A checkpoint lock taken during the run is
+def finetune(cfg: RunConfig, **options: Any) -> Outcome:
+    """One run (see `_finetune` for the options). A checkpoint lock taken during the run is
     held until it ends, however it ends."""
     import contextlib
 
     with contextlib.ExitStack() as held:
-        return _run_experiment(cfg, held, **options)
+        return _finetune(cfg, held, **options)
 
 
-def _run_experiment(cfg: RunConfig, held, *, nested: bool = False, tags: dict[str, str] | None = None,
+def _finetune(cfg: RunConfig, held, *, nested: bool = False, tags: dict[str, str] | None = None,
                    on_start: Callable[[str], None] | None = None,
                    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
                    killed_on: tuple[type[BaseException], ...] = (),
