@@ -8,6 +8,8 @@
 
 Reads finished `full` and `lora` runs (tuning trials included, study and compare runs left out)
 and writes results.md, results.csv, accuracy_f1.png, trainable_params.png and metric_vs_params.png.
+The MLflow calls that search runs and log the report's own run are here; the champion is looked up
+through registry.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import click
 
 from .cli import config_options, fail, main
 from .config import CompareConfig, ConfigError
+from .names import PEAK_MEMORY_MB, RUNTIME_S, SAMPLES_PER_S, STRATEGY, TRIAL, TRIAL_RUN_ID
+from .names import metric as metric_key
 
 COMPARE_FIELDS = dataclasses.fields(CompareConfig)
 STRATEGIES = ("full", "lora")
@@ -48,52 +52,56 @@ def select_runs(cc: CompareConfig):
     the report is logged to."""
     import mlflow
 
-    from .tracking import redact
-
     client = mlflow.MlflowClient()
-    where = redact(mlflow.get_tracking_uri())
-    ids = cc.ids()
-    if ids:
-        experiment_ids = []
-        for run_id in ids:
-            try:
-                run = client.get_run(run_id)
-            except mlflow.exceptions.MlflowException:
-                raise ConfigError(f"run {run_id} does not exist on {where}") from None
-            if run.info.status != "FINISHED":
-                raise ConfigError(f"run {run_id} is {run.info.status}; compare finished runs")
-            experiment_ids.append(run.info.experiment_id)
-        experiment_ids = list(dict.fromkeys(experiment_ids))
-        selection = "attributes.run_id IN ({})".format(", ".join(f"'{i}'" for i in ids))
-        described = f"runs {', '.join(ids)}"
-    else:
-        experiment_ids = []
-        for name in cc.experiments():
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise ConfigError(f"experiment {name!r} does not exist on {where}; list them with "
-                                  f"`mlflow experiments search`")
-            if experiment.lifecycle_stage == "deleted":
-                raise ConfigError(f"experiment {name!r} is deleted; restore it with `mlflow experiments restore "
-                                  f"--experiment-id {experiment.experiment_id}` or leave it out")
-            experiment_ids.append(experiment.experiment_id)
-        selection = "attributes.status = 'FINISHED'"
-        described = f"experiment(s) {', '.join(cc.experiments())}"
+    experiment_ids, selection, described = _by_ids(client, cc.ids()) if cc.ids() else _by_experiments(client, cc)
     query = f"{selection} and {cc.filter_string}" if cc.filter_string else selection
     try:
         runs = mlflow.search_runs(experiment_ids=experiment_ids, filter_string=query, max_results=50_000)
     except mlflow.exceptions.MlflowException as exc:
         raise ConfigError(f"--filter-string {cc.filter_string!r} is not a valid MLflow filter "
                           f"({str(exc).splitlines()[0]})") from None
-    if len(runs) and "tags.strategy" in runs:
-        runs = runs[runs["tags.strategy"].isin(STRATEGIES)]
-    else:
-        runs = runs.iloc[:0]
+    column = f"tags.{STRATEGY}"
+    runs = runs[runs[column].isin(STRATEGIES)] if len(runs) and column in runs else runs.iloc[:0]
     if runs.empty:
         extra = f" matching {cc.filter_string!r}" if cc.filter_string else ""
         raise ConfigError(f"no finished full or LoRA runs in {described}{extra}; train some first "
                           f"(make lora) or widen the selection")
     return runs.reset_index(drop=True), experiment_ids[0]
+
+
+def _by_ids(client, ids: list[str]) -> tuple[list[str], str, str]:
+    """(experiment ids, search filter, description) of exactly these runs, each of which must be finished."""
+    import mlflow
+
+    from .tracking import redact
+
+    experiment_ids = []
+    for run_id in ids:
+        try:
+            run = client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            raise ConfigError(f"run {run_id} does not exist on {redact(mlflow.get_tracking_uri())}") from None
+        if run.info.status != "FINISHED":
+            raise ConfigError(f"run {run_id} is {run.info.status}; compare finished runs")
+        experiment_ids.append(run.info.experiment_id)
+    selection = "attributes.run_id IN ({})".format(", ".join(f"'{i}'" for i in ids))
+    return list(dict.fromkeys(experiment_ids)), selection, f"runs {', '.join(ids)}"
+
+
+def _by_experiments(client, cc: CompareConfig) -> tuple[list[str], str, str]:
+    """(experiment ids, search filter, description) of the finished runs of the named experiments."""
+    import mlflow
+
+    from .tracking import live_experiment, redact
+
+    experiment_ids = []
+    for name in cc.experiments():
+        experiment = live_experiment(client, name)
+        if experiment is None:
+            raise ConfigError(f"experiment {name!r} does not exist on {redact(mlflow.get_tracking_uri())}; list "
+                              f"them with `mlflow experiments search`")
+        experiment_ids.append(experiment.experiment_id)
+    return experiment_ids, "attributes.status = 'FINISHED'", f"experiment(s) {', '.join(cc.experiments())}"
 
 
 def pareto_front(quality, cost):
@@ -117,13 +125,12 @@ def champion_runs(name: str) -> set[str]:
     tuning winner, its trial's run. Empty when there is no such model."""
     import mlflow
 
-    if not name:
+    from .registry import current_champion
+
+    version = current_champion(mlflow.MlflowClient(), name) if name else None
+    if version is None:
         return set()
-    try:
-        version = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
-    except mlflow.exceptions.MlflowException:
-        return set()
-    return {r for r in (version.run_id, version.tags.get("trial_run_id")) if r}
+    return {r for r in (version.run_id, version.tags.get(TRIAL_RUN_ID)) if r}
 
 
 def results_table(runs, champions: set[str] = frozenset()):
@@ -139,22 +146,22 @@ def results_table(runs, champions: set[str] = frozenset()):
         return pd.to_numeric(values, errors="coerce") if numeric else values
 
     table = pd.DataFrame({
-        "strategy": column("tags.strategy"),
+        "strategy": column(f"tags.{STRATEGY}"),
         "run": column("tags.mlflow.runName"),
         "run_id": runs["run_id"],
         "experiment_id": runs["experiment_id"],
-        "trial": column("tags.optuna.trial", numeric=True),
+        "trial": column(f"tags.{TRIAL}", numeric=True),
         "model": column("params.model"),
         "lora_r": column("params.lora_r", numeric=True),
         "lora_alpha": column("params.lora_alpha", numeric=True),
         "learning_rate": column("params.learning_rate", numeric=True),
-        **{f"val_{m}": column(f"metrics.val/best_{m}") for m in METRICS},
-        **{f"test_{m}": column(f"metrics.test/{m}") for m in METRICS},
+        **{f"val_{m}": column(f"metrics.{metric_key('val', m, best=True)}") for m in METRICS},
+        **{f"test_{m}": column(f"metrics.{metric_key('test', m)}") for m in METRICS},
         "trainable_params": column("params.trainable_params", numeric=True),
         "total_params": column("params.total_params", numeric=True),
-        "train_seconds": column("metrics.train/runtime_s"),
-        "samples_per_s": column("metrics.train/samples_per_s"),
-        "peak_memory_mb": column("metrics.train/peak_memory_mb"),
+        "train_seconds": column(f"metrics.{RUNTIME_S}"),
+        "samples_per_s": column(f"metrics.{SAMPLES_PER_S}"),
+        "peak_memory_mb": column(f"metrics.{PEAK_MEMORY_MB}"),
     })
     table["trainable_pct"] = 100 * table["trainable_params"] / table["total_params"]
     full = table[table["strategy"] == "full"].groupby("model")["trainable_params"].max()
@@ -206,13 +213,14 @@ def _labels(rows) -> list[str]:
 
 
 def accuracy_chart(table):
-    import matplotlib.pyplot as plt
     import numpy as np
 
     rows = _runs_for_bars(table)
     split = "test" if rows["test_accuracy"].notna().all() else "val"
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4.5))
+    from .evaluate import new_figure
+
+    fig, ax = new_figure(max(6.0, 1.2 * len(rows) + 2), 4.5)
     for offset, metric, hatch in ((-0.2, "accuracy", ""), (0.2, "f1", "//")):
         values = rows[f"{split}_{metric}"].to_numpy(dtype=float)
         bars = ax.bar(x + offset, values, 0.4, label=metric if metric == "accuracy" else "F1", hatch=hatch,
@@ -228,10 +236,11 @@ def accuracy_chart(table):
 
 
 def params_chart(table):
-    import matplotlib.pyplot as plt
 
     rows = _runs_for_bars(table)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4.5))
+    from .evaluate import new_figure
+
+    fig, ax = new_figure(max(6.0, 1.2 * len(rows) + 2), 4.5)
     x = list(range(len(rows)))
     bars = ax.bar(x, rows["trainable_params"], color=[COLORS.get(s, "grey") for s in rows["strategy"]],
                   edgecolor="black")
@@ -247,9 +256,9 @@ def params_chart(table):
 def scatter_chart(table, metric: str = "accuracy"):
     """Validation metric against trainable parameters for every run and trial (validation: trials
     are never scored on test); the Pareto front joined by a line, the champion starred."""
-    import matplotlib.pyplot as plt
+    from .evaluate import new_figure
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(7, 4.5)
     kinds = (("full", False, "s", COLORS["full"], "full fine-tuning"),
              ("full", True, "+", COLORS["full"], "full trial"),
              ("lora", False, "o", COLORS["lora"], "LoRA run"),
@@ -293,19 +302,12 @@ def check_output_dir(cc: CompareConfig) -> None:
 
 
 def write_report(table, folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.md").write_text(markdown(table))
     table.to_csv(folder / "results.csv", index=False)
     for name, draw in (("accuracy_f1.png", accuracy_chart), ("trainable_params.png", params_chart),
                        ("metric_vs_params.png", scatter_chart)):
-        fig = draw(table)
-        fig.savefig(folder / name, dpi=120)
-        plt.close(fig)
+        draw(table).savefig(folder / name, dpi=120)
     return [folder / name for name in FILES]
 
 

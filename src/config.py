@@ -22,12 +22,14 @@ EMPTY_TEXTS = ("fail", "drop")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 # Learning rates per strategy when none is given. LoRA wants roughly 10x the full fine-tuning
-# rate: on real IMDB with a pretrained MiniLM, LoRA r8 q/k/v reached .914 test accuracy at 5e-4
-# but only .855 at the seed's 2e-5 (STACK_NOTES, "Accuracy on the real data").
+# rate: on the real IMDB with a pretrained MiniLM, LoRA r8 q/k/v reached 0.9145 test accuracy at
+# 5e-4 but 0.8534 at the seed's 2e-5 (benchmarks/README.md, the accuracy table).
 DEFAULT_LEARNING_RATE = {"full": 5e-5, "lora": 5e-4}
 
 
 DEFAULT_PROMOTION_ALPHA = 0.05  # a registered model's promotion level until its owner sets one
+DEFAULT_EXPERIMENT = "imdb-sentiment"  # where training runs go, and where compare reads
+DEFAULT_REGISTERED_MODEL = "imdb-sentiment"  # what a search registers, and whose champion compare marks
 
 
 class ConfigError(ValueError):
@@ -221,7 +223,7 @@ class TrainConfig:
 
 @dataclass
 class TrackingConfig:
-    experiment_name: str = _opt("imdb-sentiment", "MLflow experiment (ignored inside `mlflow run`, "
+    experiment_name: str = _opt(DEFAULT_EXPERIMENT, "MLflow experiment (ignored inside `mlflow run`, "
                                 "which chooses it).")
     run_name: str = _opt("", "MLflow run name; empty = derived, e.g. lora-r8-a32-lr5e-4.")
     registered_model_name: str = _opt("", "If set, log a servable model and register it under this name.")
@@ -237,7 +239,8 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         if not self.experiment_name.strip():
-            raise ConfigError("--experiment-name must not be empty; name the MLflow experiment, e.g. imdb-sentiment")
+            raise ConfigError(f"--experiment-name must not be empty; name the MLflow experiment, e.g. "
+                              f"{DEFAULT_EXPERIMENT}")
         name = self.registered_model_name
         if name and not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", name):
             raise ConfigError(f"--registered-model-name may hold letters, digits, '_', '-', '.', got {name!r}")
@@ -368,13 +371,13 @@ class TuneConfig:
 class CompareConfig:
     """Which tracked runs the results table and charts cover, and where they go."""
 
-    experiment_name: str = _opt("imdb-sentiment", "Experiment(s) to read, comma-separated (e.g. "
+    experiment_name: str = _opt(DEFAULT_EXPERIMENT, "Experiment(s) to read, comma-separated (e.g. "
                                 "imdb-sentiment,imdb-sentiment-tuning); ignored with --run-ids.")
     run_ids: str = _opt("", "Compare exactly these runs (comma-separated ids), from any experiment.")
     filter_string: str = _opt("", "MLflow search filter the runs must also match, e.g. \"params.lora_r = '8'\".")
     output_dir: str = _opt("compare", "Folder for results.md, results.csv and the charts (also logged to MLflow).")
-    registered_model_name: str = _opt("imdb-sentiment", "Registered model whose champion is marked in the table "
-                                      "and charts, if it exists.")
+    registered_model_name: str = _opt(DEFAULT_REGISTERED_MODEL, "Registered model whose champion is marked in the "
+                                      "table and charts, if it exists.")
     overwrite: bool = _opt(False, "Write into an --output-dir that holds other files: compare's own files are "
                            "replaced, the others left alone and never logged.", type=bool)
 

@@ -35,6 +35,10 @@ class Splits:
     def label2id(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.labels)}
 
+    def label_counts(self) -> list[int]:
+        """Train examples per label id 0..K-1 (zero for a label seen only in test)."""
+        return self.train["label"].value_counts().reindex(range(len(self.labels)), fill_value=0).tolist()
+
 
 def read_file(path: str) -> pd.DataFrame:
     p = Path(path)

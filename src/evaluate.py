@@ -60,27 +60,29 @@ def report(ev: Evaluation, names: list[str]) -> dict:
                                  output_dict=True, zero_division=0)
 
 
-def confusion_figure(cm: np.ndarray, names: list[str], title: str):
-    import matplotlib
+def new_figure(width: float, height: float):
+    """(figure, axes) made without pyplot: no process-wide backend to choose (a notebook keeps its
+    inline one) and no figure registry to close; the caller saves or logs the figure."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
+def confusion_figure(cm: np.ndarray, names: list[str], title: str):
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    disp = ConfusionMatrixDisplay(cm, display_labels=names)
-    disp.plot(cmap="Blues", colorbar=False, values_format="d")
-    disp.ax_.set_title(title)
-    disp.figure_.tight_layout()
-    return disp.figure_
+    fig, ax = new_figure(5, 5)
+    ConfusionMatrixDisplay(cm, display_labels=names).plot(ax=ax, cmap="Blues", colorbar=False, values_format="d")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
 
 
 def roc_figure(ev: Evaluation, names: list[str], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import RocCurveDisplay
 
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = new_figure(5, 5)
     classes = [1] if len(names) == 2 else range(len(names))
     for k in classes:
         if 0 < (ev.labels == k).sum() < len(ev.labels):
@@ -161,13 +163,9 @@ def fit_temperature(ev: Evaluation) -> float:
 
 
 def reliability_figure(ev: Evaluation, title: str, n_bins: int = 15):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     centers, accuracy, counts = confidence_bins(ev.probs, ev.labels, n_bins)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = new_figure(5, 5)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
     ax.plot(centers, accuracy, "o-", label="model")
     for x, y, n in zip(centers, accuracy, counts, strict=True):
@@ -234,12 +232,8 @@ def _slice_order(name: str) -> int:
 
 
 def slice_figure(table: dict[str, list], title: str):
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(7, 4)
     labels = [f"{k}: {s}" for k, s in zip(table["kind"], table["slice"], strict=True)]
     colors = ["#4c72b0" if k == "length" else "#dd8452" for k in table["kind"]]
     bars = ax.bar(range(len(labels)), table["accuracy"], color=colors, edgecolor="black")

@@ -12,6 +12,7 @@ interval of the accuracy difference. `champion` moves only when the candidate is
 and the interval excludes 0. A first champion must beat the majority-class baseline the same way.
 alpha is the registered model's policy (`python -m src.registry policy`); a submitter may only ask
 for a stricter one. Every model is read through `serving.load`: nothing from the store is unpickled.
+Every Model Registry call of the project is made here.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import numpy as np
 
 from .cli import fail, main
 from .config import DEFAULT_PROMOTION_ALPHA, ConfigError, RunConfig
+from .names import CHALLENGER, CHAMPION, PREVIOUS
 
 BOOTSTRAP_SAMPLES = 10_000
-CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 POLICY_TAG = "promotion.alpha"  # on the registered model
 LOCK_SUFFIX = ".gate-lock"
 LOCK_STALE = 600.0  # seconds; the lock is held for a registration and two alias moves, not for scoring
@@ -325,7 +326,7 @@ def rollback(client, name: str) -> dict[str, str]:
         if current is not None:
             client.set_registered_model_alias(name, PREVIOUS, current.version)
             client.set_model_version_tag(name, current.version, "rollback", "demoted")
-    return {"champion": previous.version, "previous-champion": current.version if current else ""}
+    return {CHAMPION: previous.version, PREVIOUS: current.version if current else ""}
 
 
 def promote(client, name: str, version: str) -> str | None:
@@ -345,22 +346,43 @@ def promote(client, name: str, version: str) -> str | None:
     return _version(current)
 
 
-def publish(model, tokenizer, splits, ev, split: str, cfg: RunConfig, temperature: float,
-            contract: dict[str, str], version_tags: dict[str, Any] | None = None) -> dict[str, Any]:
+@dataclass
+class Trained:
+    """A trained model ready to publish, with what it was trained on."""
+
+    model: Any
+    tokenizer: Any
+    splits: Any  # data.Splits
+    temperature: float  # the softmax temperature the served model applies (1.0 = uncalibrated)
+    contract: dict[str, str]  # data-contract tags (tracking.data_contract)
+
+
+@dataclass
+class HeldOut:
+    """The model's predictions on held-out examples: the evidence the gate weighs."""
+
+    split: str  # "test" when the test split was scored, else "val"
+    ev: Any  # evaluate.Evaluation on that split
+
+
+def publish(trained: Trained, held_out: HeldOut, cfg: RunConfig,
+            version_tags: dict[str, Any] | None = None) -> dict[str, Any]:
     """The one way a trained model reaches the registry (a training run, a search's winner): log it
-    as a servable classifier in the active run, then register it through the gate. `ev` holds its
-    predictions on `split` ("test" when scored, else "val")."""
+    as a servable classifier in the active run, then register it through the gate."""
     from . import serving, tracking
     from .modeling import servable
 
+    splits = trained.splits
     hashes = serving.text_hashes(splits.train["text"])
-    settings = {"max_length": cfg.data.max_length, "temperature": temperature,
+    settings = {"max_length": cfg.data.max_length, "temperature": trained.temperature,
                 "max_batch_size": cfg.tracking.max_batch_size}
-    info = tracking.log_servable(servable(model).cpu(), tokenizer, settings, hashes)
-    frame = splits.test if split == "test" else splits.val
-    cand = Candidate(model_uri=info.model_uri, labels=splits.labels, split=split, texts=frame["text"].tolist(),
-                     truth=np.asarray(ev.labels), preds=np.asarray(ev.preds), train_hashes=hashes,
-                     majority=int(splits.train["label"].value_counts().idxmax()), contract=contract)
+    info = tracking.log_servable(servable(trained.model).cpu(), trained.tokenizer, settings, hashes)
+    frame = splits.test if held_out.split == "test" else splits.val
+    counts = splits.label_counts()
+    cand = Candidate(model_uri=info.model_uri, labels=splits.labels, split=held_out.split,
+                     texts=frame["text"].tolist(), truth=np.asarray(held_out.ev.labels),
+                     preds=np.asarray(held_out.ev.preds), train_hashes=hashes,
+                     majority=counts.index(max(counts)), contract=trained.contract)
     decision = register_gated(cand, cfg.tracking.registered_model_name, cfg.tracking.promotion_alpha, version_tags)
     click.echo(describe(decision), err=True)
     return decision

@@ -13,8 +13,9 @@ weights is refused with one line. `mlflow models serve` loads the same files thr
 executes the model's code file from the store (see the README's security section).
 
 A custom pyfunc rather than the transformers flavour: that flavour's pipeline returns only the top
-score per text, and with a PEFT model on a local base it silently reloads fresh weights
-(STACK_NOTES). The LoRA weights are merged first, so the artifact is one plain model folder.
+score per text, and with a PEFT model on a local base it silently reloads fresh weights (seen
+with MLflow 3 and peft 0.21). The LoRA weights are merged first, so the artifact is one plain
+model folder. Every MLflow call that reads a logged model's files is here (tracking.py logs them).
 """
 
 from __future__ import annotations

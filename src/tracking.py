@@ -1,4 +1,10 @@
-"""Every MLflow call of a training run: naming, params, metrics, figures, lineage, models.
+"""Every MLflow call of a training run (naming, params, metrics, figures, lineage, models) and the
+checks every command shares (reachability, experiments).
+
+Other modules call MLflow for their own kind of record, each saying so in its docstring: registry.py
+(the Model Registry), serving.py (reading model files), tune.py (a search's parent run and its trials' tags),
+compare.py (reading runs; the report's run), serve.py (a local copy of a model for `mlflow models
+serve`), cli.py (a refused `mlflow run` marked FAILED).
 
 The tracking URI comes from MLflow's own resolution: `MLFLOW_TRACKING_URI` (e.g. http://host:5000)
 or, unset, the embedded `sqlite:///mlflow.db` in the working directory.
@@ -20,6 +26,7 @@ from typing import Any
 import mlflow
 
 from .config import ConfigError, RunConfig
+from .names import STRATEGY
 
 
 def check_reachable(timeout: float = 5.0) -> None:
@@ -67,7 +74,6 @@ def _short_reason(message: str) -> str:
 def check_experiment(name: str) -> None:
     """A deleted experiment, or a local store or artifact folder this process cannot write, fails
     now: MLflow would only refuse when the run opens or, for artifacts, after training."""
-    from .config import ConfigError
 
     store = local_path(mlflow.get_tracking_uri())
     if store is not None:
@@ -76,15 +82,24 @@ def check_experiment(name: str) -> None:
             return  # a fresh local store holds no experiment yet (opening it would create the file)
     if os.environ.get("MLFLOW_RUN_ID"):
         return  # inside `mlflow run`, which chose the experiment and opened the run
-    experiment = mlflow.MlflowClient().get_experiment_by_name(name)
+    experiment = live_experiment(mlflow.MlflowClient(), name)
     if experiment is None:
         return
-    if experiment.lifecycle_stage == "deleted":
-        raise ConfigError(f"experiment {name!r} is deleted; restore it with `mlflow experiments restore "
-                          f"--experiment-id {experiment.experiment_id}` or pick another --experiment-name")
     artifacts = local_path(experiment.artifact_location)
     if artifacts is not None:
         _check_writable(artifacts, f"the artifact folder of experiment {name!r}")
+
+
+def live_experiment(client, name: str):
+    """The experiment of that name, None if there is none; a deleted one is refused (MLflow would
+    refuse to log into it, and a search of it finds nothing)."""
+    from .config import ConfigError
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise ConfigError(f"experiment {name!r} is deleted; restore it with `mlflow experiments restore "
+                          f"--experiment-id {experiment.experiment_id}` or name another experiment")
+    return experiment
 
 
 def local_path(uri: str) -> Path | None:
@@ -309,9 +324,8 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
     fresh = {k: str(v) for k, v in values.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
-    mlflow.set_tags({"strategy": cfg.model.strategy, "model": cfg.model.model, "dataset": dataset})
-    contract = data_contract(splits, cfg.data.split_seed, tokenizer)
-    mlflow.set_tags(contract)
+    mlflow.set_tags({STRATEGY: cfg.model.strategy, "model": cfg.model.model, "dataset": dataset})
+    contract = log_contract(splits, cfg.data.split_seed, tokenizer)
     mlflow.log_dict({**cfg.flat(), "learning_rate": cfg.learning_rate}, "config/resolved_config.yaml")
     mlflow.log_dict({"id2label": dict(enumerate(splits.labels))}, "config/label_map.json")
     def source_of(where: str):
@@ -332,6 +346,18 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
             ds = mlflow.data.from_pandas(df, source=source_of(where), name=f"{dataset}-{context}", targets="label")
             mlflow.log_input(ds, context=context)
     return contract
+
+
+def log_contract(splits, split_seed: int, tokenizer=None) -> dict[str, str]:
+    """The data-contract tags (`data_contract`) set on the active run; returns them."""
+    contract = data_contract(splits, split_seed, tokenizer)
+    mlflow.set_tags(contract)
+    return contract
+
+
+def download(run_id: str, artifact_path: str, dst: str) -> str:
+    """A run's artifact folder, downloaded under `dst`; returns its local path."""
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=dst)
 
 
 def data_contract(splits, split_seed: int, tokenizer=None) -> dict[str, str]:
@@ -363,8 +389,6 @@ def log_evaluation(split: str, ev, names: list[str], texts: list[str] | None = N
 
     With a temperature other than 1 the metrics are those of the calibrated probabilities (what the
     served model returns), and `ece_uncalibrated` / `brier_uncalibrated` keep the raw ones."""
-    import matplotlib.pyplot as plt
-
     from . import evaluate
 
     values = evaluate.metrics(ev, len(names))
@@ -390,11 +414,21 @@ def log_evaluation(split: str, ev, names: list[str], texts: list[str] | None = N
         mlflow.log_figure(fig, f"{split}/{file}")
         if headline and file in HEADLINE_FIGURES:
             mlflow.log_figure(fig, file)
-        plt.close(fig)
     mlflow.log_dict(evaluate.report(ev, names), f"{split}/classification_report.json")
     if texts is not None:
         mlflow.log_table(evaluate.worst_errors(ev, texts, names, slices=slices), f"{split}/misclassified.json")
     return values
+
+
+def log_fit(result) -> None:
+    """Throughput of the training (steady-state samples/s, warm-up apart) and the selected epoch."""
+    from .loop import throughput
+
+    mlflow.log_metrics({**throughput(result), "best_epoch": result.best_epoch})
+
+
+def log_calibration(temperature: float) -> None:
+    mlflow.log_metric("calibration/temperature", temperature)
 
 
 def log_summary(cfg: RunConfig, model, outcome) -> str:

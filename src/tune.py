@@ -7,7 +7,9 @@
 
 One parent MLflow run per invocation; each trial is a nested run with the same params, metrics and
 artifacts as a `lora` run. Trials are ranked on validation only; the test split is seen once, by
-the winner, after the search.
+the winner, after the search. MLflow calls for the study's own parent run (its settings, summary,
+figures, result) and for the trial runs' Optuna tags are made here; a trial's training run goes
+through finetune.py and tracking.py like any other.
 """
 
 from __future__ import annotations
@@ -19,30 +21,40 @@ import os
 import socket
 import tempfile
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
 from .cli import build_config, config_options, fail, main, quiet_libraries
-from .config import ConfigError, RunConfig, TuneConfig
+from .config import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, ConfigError, RunConfig, TuneConfig
+from .names import ADAPTER, STORAGE_ID, STRATEGY, STUDY, TRIAL, TRIAL_RUN_ID, TRIAL_STATE, WEIGHTS
 
 TUNE_FIELDS = dataclasses.fields(TuneConfig)
 # The search registers its winner unless told `--registered-model-name ""`; trials run the LoRA rate.
 # Sampled per trial, so not options here: fix one by giving its search a single value.
 SEARCHED = ("strategy", "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-TUNE_DEFAULTS = {"registered_model_name": "imdb-sentiment", "experiment_name": "imdb-sentiment-tuning"}
+TUNE_DEFAULTS = {"registered_model_name": DEFAULT_REGISTERED_MODEL, "experiment_name": f"{DEFAULT_EXPERIMENT}-tuning"}
 # Not MLproject parameters: `mlflow run` logs and prints every -P value, and a storage URL may hold a
 # password. Under `mlflow run` the storage comes from OPTUNA_STORAGE.
 NOT_IN_PROJECT = ("storage",)
 
 
-def make_storage(tc: TuneConfig):
+@contextlib.contextmanager
+def _experimental():
+    """Heartbeats and the stale-trial sweep are marked experimental, stable in use since Optuna 2.9:
+    their notice is silenced where they are called, not for the whole process."""
     import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def make_storage(tc: TuneConfig):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    # Heartbeats and stale-trial handling are marked experimental, stable in use since Optuna 2.9.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if tc.storage.endswith(".log"):
         return JournalStorage(JournalFileBackend(tc.storage))
     try:
@@ -64,8 +76,9 @@ def _rdb_storage(tc: TuneConfig):
         try:
             # Heartbeats let a restarted worker mark trials of a killed one as FAIL instead of RUNNING
             # forever. No stale-trial callback: a killed trial is not retried (trials are not resumable).
-            return RDBStorage(tc.storage, heartbeat_interval=tc.heartbeat_interval,
-                              grace_period=2 * tc.heartbeat_interval)
+            with _experimental():
+                return RDBStorage(tc.storage, heartbeat_interval=tc.heartbeat_interval,
+                                  grace_period=2 * tc.heartbeat_interval)
         except IntegrityError:
             # Workers started together on an empty PostgreSQL race to create Optuna's tables; the
             # losers find them made a moment later.
@@ -123,8 +136,7 @@ def claim_registration(study, storage) -> str:
     import optuna
     from optuna.trial import TrialState
 
-    with warnings.catch_warnings():  # experimental since Optuna 2.9 and unchanged since; the heartbeat's own sweep
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _experimental():
         optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.RUNNING for t in trials):
@@ -183,29 +195,27 @@ def trial_config(base: RunConfig, params: dict[str, Any], number: int) -> RunCon
     return cfg
 
 
-def close_orphans(client, experiment_id: str, study, study_name: str, storage_id: str) -> int:
+def close_orphans(client, experiment_id: str, study, study_tags: dict[str, str]) -> int:
     """MLflow runs of this study left RUNNING by a killed worker: trials that Optuna no longer runs,
     and parent runs whose process on this host is gone. Marked KILLED. Only runs of this study on this
-    storage (`optuna.storage_id`): a study of the same name elsewhere has trial numbers of its own."""
+    storage (`study_tags`): a study of the same name elsewhere has trial numbers of its own."""
     import optuna
 
     running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
     closed = 0
-    runs = client.search_runs([experiment_id],
-                              f"tags.`optuna.study` = '{study_name}' and tags.`optuna.storage_id` = '{storage_id}' "
-                              f"and attributes.status = 'RUNNING'")
-    parents = {r.info.run_id for r in runs if "optuna.trial" not in r.data.tags}
+    runs = client.search_runs([experiment_id], _tag_filter(study_tags) + " and attributes.status = 'RUNNING'")
+    parents = {r.info.run_id for r in runs if TRIAL not in r.data.tags}
     for r in runs:
         tags = r.data.tags
         orphan = False
-        if "optuna.trial" in tags:
-            orphan = int(tags["optuna.trial"]) not in running or (
+        if TRIAL in tags:
+            orphan = int(tags[TRIAL]) not in running or (
                 tags.get("mlflow.parentRunId") not in parents)  # its worker's parent run is over
         elif tags.get("tune.host") == socket.gethostname() and "tune.pid" in tags:
             orphan = not _alive(int(tags["tune.pid"]))
         if orphan:
             client.set_terminated(r.info.run_id, "KILLED")
-            client.set_tag(r.info.run_id, "optuna.state", "FAIL") if "optuna.trial" in tags else None
+            client.set_tag(r.info.run_id, TRIAL_STATE, "FAIL") if TRIAL in tags else None
             closed += 1
     return closed
 
@@ -220,25 +230,46 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
-    import mlflow
-    import optuna
-    from optuna.study import MaxTrialsCallback
-    from optuna.trial import TrialState
+@dataclass
+class Search:
+    """An opened search: its settings, the study on its storage and the data every trial shares."""
 
-    from . import tracking
+    cfg: RunConfig  # the trials' base settings (LoRA, no checkpoints)
+    tc: TuneConfig
+    space: dict[str, list]
+    data: Any  # finetune.Prepared, tokenized once for every trial
+    storage: Any
+    study: Any
+    direction: str  # of the selection metric
+    cost: str  # the second objective, "" for a single-objective search
+
+    @property
+    def metric(self) -> str:
+        return self.cfg.train.selection_metric
+
+    @property
+    def tags(self) -> dict[str, str]:
+        from .urls import identity
+
+        # Runs name their storage by hash: never the URL, masked or not.
+        return {STUDY: self.tc.study_name, STORAGE_ID: identity(self.tc.storage)}
+
+
+def open_search(cfg: RunConfig, tc: TuneConfig) -> Search:
+    """Settings checked, data prepared, storage and study opened: all before any MLflow run."""
+    import optuna
+
     from .finetune import prepare
-    from .urls import identity, mask
+    from .urls import mask
 
     space = tc.space()
     # Trials write no checkpoints (see trial_config), so no checkpoint folder is checked for them.
     base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, strategy="lora"),
                                train=dataclasses.replace(cfg.train, checkpoint_dir=""))
-    prepare(base)  # data, tokenizer and model checks before any storage or run is touched
+    data = prepare(base)  # data, tokenizer and model checks before any storage or run is touched
     storage = make_storage(tc)
     direction = "minimize" if cfg.train.selection_metric == "loss" else "maximize"
     multi = tc.multi_objective
-    cost = tc.objectives.split(",")[1] if multi else ""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if multi and tc.pruner != "none":
         click.echo("multi-objective search: trials are not pruned (Optuna prunes single-objective studies only)",
@@ -252,137 +283,198 @@ def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
                           f"objective(s) ({', '.join(stored)}), this command {len(wanted)} "
                           f"({', '.join(wanted)}); use the same --objectives and --selection-metric or another "
                           f"--study-name")
-    optuna.storages.fail_stale_trials(study)  # trials of killed workers -> FAIL (no-op without heartbeats)
-    metric = cfg.train.selection_metric
-    client = mlflow.MlflowClient()
+    with _experimental():
+        optuna.storages.fail_stale_trials(study)  # trials of killed workers -> FAIL (no-op without heartbeats)
+    return Search(base, tc, space, data, storage, study, direction, tc.objectives.split(",")[1] if multi else "")
 
-    study_settings = {f.name: getattr(tc, f.name) for f in TUNE_FIELDS}
-    study_settings["storage"] = mask(tc.storage)
-    storage_id = identity(tc.storage)  # runs name their storage by hash: never the URL, masked or not
-    with tracking.run(base, name=f"study-{tc.study_name}",
-                      tags={"optuna.study": tc.study_name, "optuna.storage_id": storage_id,
-                            "tune.host": socket.gethostname(), "tune.pid": str(os.getpid()),
-                            "strategy": "search"}) as parent:
-        closed = close_orphans(client, parent.info.experiment_id, study, tc.study_name, storage_id)
-        if closed:
-            click.echo(f"marked {closed} MLflow run(s) of a killed worker as KILLED", err=True)
-        existing = client.get_run(parent.info.run_id).data.params
-        if mask(existing.get("storage", "")) != existing.get("storage", ""):  # `mlflow run -P storage=...`
-            click.echo("warning: MLflow logged the storage URL with its password as parameter `storage` of this "
-                       "run; change that password, and pass the URL in OPTUNA_STORAGE next time", err=True)
-        mlflow.log_params({k: str(v) for k, v in {**study_settings, "search_space": json.dumps(space),
-                                                   "selection_metric": metric, "direction": direction,
-                                                   "cost_objective": cost}.items()
-                           if k not in existing})
 
-        def objective(trial) -> float | tuple[float, float]:
-            params = sample(trial, space)
-            tcfg = trial_config(base, params, trial.number)
+def run_study(cfg: RunConfig, tc: TuneConfig) -> dict[str, Any]:
+    """Open the search, run this worker's trials under one parent run, then pick, log and (once per
+    study, whichever worker) register the winner."""
+    import mlflow
 
-            def report(epoch: int, values: dict[str, float]) -> None:
-                if multi:
-                    return
-                trial.report(values[metric], epoch)
-                # after the last epoch the trial has trained fully: its result counts, pruned or not
-                if epoch < tcfg.train.epochs and trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+    from . import tracking
 
-            def remember(run_id: str) -> None:
-                trial.set_user_attr("mlflow_run_id", run_id)
-
-            tags = {"optuna.study": tc.study_name, "optuna.storage_id": storage_id, "optuna.trial": str(trial.number),
-                    "optuna.state": "RUNNING"}
-            out = run_and_tag(tcfg, tags, remember, report, trial)
-            if not multi:
-                return out.val[metric]
-            return out.val[metric], float(out.trainable_params if cost == "trainable_params" else out.train_seconds)
-
-        def run_and_tag(tcfg, tags, remember, report, trial):
-            from .finetune import finetune
-
-            state = "FAIL"
-            try:
-                # Full fine-tuning trials keep their weights: a full winner is registered from them.
-                out = finetune(tcfg, nested=True, tags=tags, on_start=remember, on_epoch=report,
-                                     killed_on=(optuna.TrialPruned,), evaluate_test=False,
-                                     keep_weights=tcfg.model.strategy == "full")
-                state = "COMPLETE"
-                return out
-            except optuna.TrialPruned:
-                state = "PRUNED"
-                raise
-            except KeyboardInterrupt:
-                # Optuna records the trial as FAIL and re-raises; this worker stops (its parent run
-                # KILLED) and the same command continues the study with the next trial.
-                click.echo(f"trial {trial.number} interrupted: FAIL in study {tc.study_name!r}; run the same "
-                           f"command to continue with the next trial", err=True)
-                raise
-            finally:
-                run_ids = [trial.user_attrs["mlflow_run_id"]] if "mlflow_run_id" in trial.user_attrs else [
-                    # interrupted between creating its run and reporting the id: find the run by its tags
-                    r.info.run_id for r in client.search_runs(
-                        [parent.info.experiment_id],
-                        f"tags.`optuna.study` = '{tc.study_name}' and tags.`optuna.storage_id` = '{storage_id}' "
-                        f"and tags.`optuna.trial` = '{trial.number}'")]
-                for run_id in run_ids:
-                    client.set_tag(run_id, "optuna.state", state)
-
-        def progress(_study, trial) -> None:
-            value = "" if trial.values is None else f"{metric}={trial.values[0]:.4f}"
-            if multi and trial.values is not None:
-                value += f" {cost}={_fmt(trial.values[1])}"
-            if trial.state == TrialState.PRUNED:
-                value = f"pruned at epoch {trial.last_step}"
-            shown = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-            click.echo(f"trial {trial.number:>3} {trial.state.name:<8} {value:<24} {shown}")
-
-        done = (TrialState.COMPLETE, TrialState.PRUNED)
-        remaining = tc.n_trials - len(study.get_trials(deepcopy=False, states=done))
-        if remaining > 0:
-            # n_trials bounds this worker (failed trials count here, so a broken setup cannot loop
-            # forever); MaxTrialsCallback stops it early when other workers reach the shared target.
-            study.optimize(objective, n_trials=remaining, catch=(Exception,), gc_after_trial=True,
-                           callbacks=[MaxTrialsCallback(tc.n_trials, states=done), progress])
-        summary = _summary(study)
-        click.echo(summary)
-        mlflow.log_text(summary, "study/trials.md")
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not complete:
-            raise ConfigError(f"study {tc.study_name!r} has no complete trial; nothing to register")
-        if multi:
-            # The Pareto front is the answer to "what does quality cost"; the registry gets its
-            # best-metric member (on a front, the best metric is the best of the whole study).
-            front = study.best_trials
-            pick = min if direction == "minimize" else max
-            best = pick(front, key=lambda t: t.values[0])
-            mlflow.log_dict({"objectives": [metric, cost],
-                             "trials": [{"number": t.number, "values": t.values, "params": t.params,
-                                         "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in front]},
-                            "study/pareto_front.json")
-            mlflow.log_param("pareto_trials", ",".join(str(t.number) for t in sorted(front, key=lambda t: t.number)))
-        else:
-            best = study.best_trial
-        best_value = best.values[0]
-        mlflow.log_params({f"best_{k}": str(v) for k, v in best.params.items()})
-        mlflow.log_metrics({f"best/val_{metric}": best_value, "best/trial": best.number,
-                            "trials/complete": len(complete),
-                            "trials/pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))),
-                            "trials/failed": len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))})
-        _log_figures(study, metric, cost)
-        result = {"study": tc.study_name, "best_trial": best.number, "best_value": best_value,
+    search = open_search(cfg, tc)
+    with tracking.run(search.cfg, name=f"study-{tc.study_name}",
+                      tags={**search.tags, "tune.host": socket.gethostname(), "tune.pid": str(os.getpid()),
+                            STRATEGY: "search"}) as parent:
+        _start_parent(search, parent)
+        optimize(search, parent.info.experiment_id)
+        best = pick_winner(search)
+        result = {"study": tc.study_name, "best_trial": best.number, "best_value": best.values[0],
                   "best_params": best.params, "best_run_id": best.user_attrs.get("mlflow_run_id")}
-        name = cfg.tracking.registered_model_name
-        with registration_claim(study, storage) if name else contextlib.nullcontext(False) as mine:
-            if mine:
-                result.update(register_best(
-                    # With one strategy in the search it is not an Optuna parameter; the registry needs it.
-                    base, best_run_id=result["best_run_id"],
-                    best_params={"strategy": space["strategy"][0], **best.params}, study_name=tc.study_name,
-                    trial_number=best.number, metric=metric, value=best_value, evaluate_test=tc.evaluate_test))
-            elif name:
-                result["registered_by"] = "another worker"
+        if search.cfg.tracking.registered_model_name:
+            result.update(_register_once(search, best))
         mlflow.log_dict(result, "study/result.json")
     return result
+
+
+def _start_parent(search: Search, parent) -> None:
+    """Close the runs a killed worker left RUNNING, then log the search's settings to the parent run
+    (those `mlflow run -P` already logged stay as they are)."""
+    import mlflow
+
+    from .urls import mask
+
+    client = mlflow.MlflowClient()
+    closed = close_orphans(client, parent.info.experiment_id, search.study, search.tags)
+    if closed:
+        click.echo(f"marked {closed} MLflow run(s) of a killed worker as KILLED", err=True)
+    existing = client.get_run(parent.info.run_id).data.params
+    if mask(existing.get("storage", "")) != existing.get("storage", ""):  # `mlflow run -P storage=...`
+        click.echo("warning: MLflow logged the storage URL with its password as parameter `storage` of this "
+                   "run; change that password, and pass the URL in OPTUNA_STORAGE next time", err=True)
+    settings = {f.name: getattr(search.tc, f.name) for f in TUNE_FIELDS}
+    settings.update(storage=mask(search.tc.storage), search_space=json.dumps(search.space),
+                    selection_metric=search.metric, direction=search.direction, cost_objective=search.cost)
+    mlflow.log_params({k: str(v) for k, v in settings.items() if k not in existing})
+
+
+def optimize(search: Search, experiment_id: str) -> None:
+    """This worker's trials, until the study has --n-trials finished ones (all workers counted)."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    remaining = search.tc.n_trials - len(search.study.get_trials(deepcopy=False, states=done))
+    if remaining > 0:
+        # n_trials bounds this worker (failed trials count here, so a broken setup cannot loop
+        # forever); MaxTrialsCallback stops it early when other workers reach the shared target.
+        search.study.optimize(Objective(search, experiment_id), n_trials=remaining, catch=(Exception,),
+                              gc_after_trial=True,
+                              callbacks=[MaxTrialsCallback(search.tc.n_trials, states=done), _progress(search)])
+
+
+class Objective:
+    """One trial: sample its settings, train them as a nested run, return the objective value(s).
+    The run is tagged with the trial and, when it ends, with the trial's final state."""
+
+    def __init__(self, search: Search, experiment_id: str) -> None:
+        self.search, self.experiment_id = search, experiment_id
+
+    def __call__(self, trial) -> float | tuple[float, float]:
+        search = self.search
+        tcfg = trial_config(search.cfg, sample(trial, search.space), trial.number)
+        out = self._run(trial, tcfg)
+        if not search.cost:
+            return out.val[search.metric]
+        spent = out.trainable_params if search.cost == "trainable_params" else out.train_seconds
+        return out.val[search.metric], float(spent)
+
+    def _run(self, trial, tcfg: RunConfig):
+        import optuna
+
+        from .finetune import finetune
+
+        state = "FAIL"
+        try:
+            # Full fine-tuning trials keep their weights: a full winner is registered from them.
+            out = finetune(tcfg, data=self.search.data, nested=True,
+                           tags={**self.search.tags, TRIAL: str(trial.number), TRIAL_STATE: "RUNNING"},
+                           on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+                           on_epoch=self._pruning(trial, tcfg.train.epochs), killed_on=(optuna.TrialPruned,),
+                           evaluate_test=False, keep_weights=tcfg.model.strategy == "full")
+            state = "COMPLETE"
+            return out
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
+        except KeyboardInterrupt:
+            # Optuna records the trial as FAIL and re-raises; this worker stops (its parent run
+            # KILLED) and the same command continues the study with the next trial.
+            click.echo(f"trial {trial.number} interrupted: FAIL in study {self.search.tc.study_name!r}; run the "
+                       f"same command to continue with the next trial", err=True)
+            raise
+        finally:
+            self._mark(trial, state)
+
+    def _pruning(self, trial, epochs: int):
+        import optuna
+
+        def report(epoch: int, values: dict[str, float]) -> None:
+            if self.search.cost:
+                return  # Optuna prunes single-objective studies only
+            trial.report(values[self.search.metric], epoch)
+            # after the last epoch the trial has trained fully: its result counts, pruned or not
+            if epoch < epochs and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+        return report
+
+    def _mark(self, trial, state: str) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        run_ids = [trial.user_attrs["mlflow_run_id"]] if "mlflow_run_id" in trial.user_attrs else [
+            # interrupted between creating its run and reporting the id: find the run by its tags
+            r.info.run_id for r in client.search_runs([self.experiment_id], _tag_filter(
+                {**self.search.tags, TRIAL: str(trial.number)}))]
+        for run_id in run_ids:
+            client.set_tag(run_id, TRIAL_STATE, state)
+
+
+def _tag_filter(tags: dict[str, str]) -> str:
+    return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+
+
+def _progress(search: Search):
+    """One line per finished trial: state, objective value(s), sampled settings."""
+    from optuna.trial import TrialState
+
+    def show(_study, trial) -> None:
+        value = "" if trial.values is None else f"{search.metric}={trial.values[0]:.4f}"
+        if search.cost and trial.values is not None:
+            value += f" {search.cost}={_fmt(trial.values[1])}"
+        if trial.state == TrialState.PRUNED:
+            value = f"pruned at epoch {trial.last_step}"
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+        click.echo(f"trial {trial.number:>3} {trial.state.name:<8} {value:<24} {shown}")
+    return show
+
+
+def pick_winner(search: Search):
+    """The best trial, with the study's summary, counts and figures logged to the parent run. With two
+    objectives the Pareto front is the answer to "what does quality cost"; the registry gets its
+    best-metric member (on a front, the best metric is the best of the whole study)."""
+    import mlflow
+    from optuna.trial import TrialState
+
+    study, metric = search.study, search.metric
+    summary = _summary(study)
+    click.echo(summary)
+    mlflow.log_text(summary, "study/trials.md")
+    counts = {state: len(study.get_trials(deepcopy=False, states=(state,)))
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    if not counts[TrialState.COMPLETE]:
+        raise ConfigError(f"study {search.tc.study_name!r} has no complete trial; nothing to register")
+    if not search.cost:
+        best = study.best_trial
+    else:
+        front = study.best_trials
+        best = (min if search.direction == "minimize" else max)(front, key=lambda t: t.values[0])
+        mlflow.log_dict({"objectives": [metric, search.cost],
+                         "trials": [{"number": t.number, "values": t.values, "params": t.params,
+                                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in front]},
+                        "study/pareto_front.json")
+        mlflow.log_param("pareto_trials", ",".join(str(t.number) for t in sorted(front, key=lambda t: t.number)))
+    mlflow.log_params({f"best_{k}": str(v) for k, v in best.params.items()})
+    mlflow.log_metrics({f"best/val_{metric}": best.values[0], "best/trial": best.number,
+                        "trials/complete": counts[TrialState.COMPLETE], "trials/pruned": counts[TrialState.PRUNED],
+                        "trials/failed": counts[TrialState.FAIL]})
+    _log_figures(study, metric, search.cost)
+    return best
+
+
+def _register_once(search: Search, best) -> dict[str, Any]:
+    """Register the winner if this worker holds the study's registration claim."""
+    with registration_claim(search.study, search.storage) as mine:
+        if not mine:
+            return {"registered_by": "another worker"}
+        # With one strategy in the search it is not an Optuna parameter; the registry needs it.
+        return register_best(search.cfg, search.data, best_run_id=best.user_attrs.get("mlflow_run_id"),
+                             best_params={"strategy": search.space["strategy"][0], **best.params},
+                             study_name=search.tc.study_name, trial_number=best.number, metric=search.metric,
+                             value=best.values[0], evaluate_test=search.tc.evaluate_test)
 
 
 def _fmt(v: Any) -> str:
@@ -402,10 +494,7 @@ def _summary(study) -> str:
 def _log_figures(study, metric: str, cost: str = "") -> None:
     """Optimization history, parameter importances, rank-vs-alpha and, for two objectives, the
     Pareto front; each where Optuna can draw it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # Optuna draws with pyplot: closed below
     import mlflow
     from optuna.visualization import matplotlib as ovm
 
@@ -443,66 +532,49 @@ def _log_figures(study, metric: str, cost: str = "") -> None:
         plt.close(fig)
 
 
-def register_best(cfg: RunConfig, *, best_run_id: str, best_params: dict[str, Any], study_name: str,
+def register_best(cfg: RunConfig, data, *, best_run_id: str, best_params: dict[str, Any], study_name: str,
                   trial_number: int, metric: str, value: float, evaluate_test: bool) -> dict[str, Any]:
     """Rebuild the winning trial from its logged adapter or weights (safetensors; no retraining),
-    optionally test it once, then publish it in the current (parent) run."""
-    import mlflow
-
+    optionally test it once, then publish it in the current (parent) run, as a training run does."""
     from . import registry, tracking
-    from .evaluate import fit_temperature
-    from .finetune import prepare
+    from .finetune import calibrate, prepare, score_test
     from .loop import pick_device, predict, resolve_precision
 
-    strategy = best_params.get("strategy", "lora")
     lora = dataclasses.replace(cfg.lora, **{k: v for k, v in best_params.items() if k.startswith("lora_")})
     cfg = dataclasses.replace(cfg, lora=lora)
-    prepared = prepare(cfg)
-    splits, encoded, tokenizer = prepared.splits, prepared.encoded, prepared.tokenizer
-    result: dict[str, Any] = {}
+    data = prepare(cfg, data)
     with tempfile.TemporaryDirectory() as tmp:
         device = pick_device()
-        dtype = resolve_precision(cfg.train.precision, device)
-        model = _trained_model(cfg, strategy, best_run_id, splits.labels, tmp).to(device)
-
-        def score(split: str):
-            return predict(model, encoded[split], cfg.train.eval_batch_size, tokenizer.pad_token_id, device, dtype,
-                           progress=f"{split} (winner)")
-
-        temperature = 1.0
-        if cfg.train.temperature_scaling:
-            temperature = fit_temperature(score("val"))
-            mlflow.log_metric("calibration/temperature", temperature)
-        split = "test" if evaluate_test else "val"  # the gate's held-out examples
-        ev = score(split)
-        if evaluate_test:
-            result["test"] = tracking.log_evaluation("test", ev, splits.labels, splits.test["text"].tolist(),
-                                                     lengths=encoded["test"].lengths,
-                                                     max_length=cfg.data.max_length, temperature=temperature)
-        contract = tracking.data_contract(splits, cfg.data.split_seed, tokenizer)
-        mlflow.set_tags(contract)  # the study's run holds the registered model: it carries the data tags
-        tags = {"optuna.study": study_name, "optuna.trial": trial_number, "trial_run_id": best_run_id,
+        model = _trained_model(cfg, best_params.get("strategy", "lora"), best_run_id, data.splits.labels,
+                               tmp).to(device)
+        val_ev = None
+        if cfg.train.temperature_scaling or not evaluate_test:
+            val_ev = predict(model, data.encoded["val"], cfg.train.eval_batch_size, data.tokenizer.pad_token_id,
+                             device, resolve_precision(cfg.train.precision, device), progress="val (winner)")
+        temperature = calibrate(cfg, val_ev)
+        test = score_test(cfg, data, model, temperature) if evaluate_test else None
+        held_out = registry.HeldOut("test", test[0]) if test else registry.HeldOut("val", val_ev)
+        contract = tracking.log_contract(data.splits, cfg.data.split_seed, data.tokenizer)
+        tags = {STUDY: study_name, TRIAL: trial_number, TRIAL_RUN_ID: best_run_id,
                 "val_metric": metric, "val_metric_value": value, **{f"param.{k}": v for k, v in best_params.items()}}
-        decision = registry.publish(model, tokenizer, splits, ev, split, cfg, temperature, contract, tags)
-    result.update({"registered_model": cfg.tracking.registered_model_name, "version": decision["candidate_version"],
-                   "alias": decision["decision"], "decision": decision})
-    return result
+        trained = registry.Trained(model, data.tokenizer, data.splits, temperature, contract)
+        decision = registry.publish(trained, held_out, cfg, tags)
+    return {**({"test": test[1]} if test else {}), "registered_model": cfg.tracking.registered_model_name,
+            "version": decision["candidate_version"], "alias": decision["decision"], "decision": decision}
 
 
 def _trained_model(cfg: RunConfig, strategy: str, run_id: str, labels: list[str], tmp: str):
     """A trial's model from its logged files: the LoRA adapter on the base model, or the full weights."""
-    import mlflow
     import peft
 
     from .modeling import build_model
+    from .tracking import download
 
     if strategy == "lora":
-        adapter = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=tmp)
         base = build_model(cfg.model.model, "full", labels, cfg.lora)
         # peft reads adapter_model.safetensors, or a .bin with torch.load(weights_only=True): no pickle runs.
-        return peft.PeftModel.from_pretrained(base, adapter)
-    weights = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="weights", dst_path=tmp)
-    return build_model(weights, "full", labels, cfg.lora)
+        return peft.PeftModel.from_pretrained(base, download(run_id, ADAPTER, tmp))
+    return build_model(download(run_id, WEIGHTS, tmp), "full", labels, cfg.lora)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

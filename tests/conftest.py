@@ -139,6 +139,40 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+COMMON_METRICS = {
+    "train/loss", "train/learning_rate", "val/loss", "val/accuracy", "val/f1", "val/best_accuracy", "val/best_f1",
+    "test/accuracy", "test/f1", "test/precision", "test/recall", "test/roc_auc", "test/loss",
+    "train/runtime_s", "train/samples_per_s", "train/peak_memory_mb", "best_epoch", "test/ece", "test/brier",
+    "val/best_ece", "test/recall_0", "test/recall_1",
+}
+
+
+def mlflow_run(entry, params, experiment, cwd=ROOT):
+    """`mlflow run` of this project as a user types it (local env manager), against the test server."""
+    args = [str(BIN / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local",
+            "--experiment-name", experiment]
+    for k, v in params.items():
+        args += ["-P", f"{k}={v}"]
+    # mlflow.set_experiment in this process exports MLFLOW_EXPERIMENT_ID, which `mlflow run` would
+    # take as a second experiment choice.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=400)
+
+
+def only_run(client, experiment):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def artifact_paths(client, run_id, path=""):
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        out += artifact_paths(client, run_id, item.path) if item.is_dir else [item.path]
+    return out
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A PostgreSQL server of this session (tests/postgres.py); its URL without a database name."""

@@ -6,8 +6,7 @@ import mlflow
 import pytest
 
 from tests.builders import sentiment_frame
-from tests.conftest import free_port, run_cli
-from tests.test_end_to_end import mlflow_run
+from tests.conftest import free_port, mlflow_run, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
-from tests.test_end_to_end import COMMON_METRICS, only_run
+from tests.conftest import COMMON_METRICS, ROOT, only_run, run_cli
 
 
 def train_args(model_dir, data_files, batch_size, experiment):

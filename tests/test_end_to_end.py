@@ -9,39 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import BIN, ROOT
-
-COMMON_METRICS = {
-    "train/loss", "train/learning_rate", "val/loss", "val/accuracy", "val/f1", "val/best_accuracy", "val/best_f1",
-    "test/accuracy", "test/f1", "test/precision", "test/recall", "test/roc_auc", "test/loss",
-    "train/runtime_s", "train/samples_per_s", "train/peak_memory_mb", "best_epoch", "test/ece", "test/brier",
-    "val/best_ece", "test/recall_0", "test/recall_1",
-}
-
-
-def mlflow_run(entry, params, experiment, cwd=ROOT):
-    args = [str(BIN / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local",
-            "--experiment-name", experiment]
-    for k, v in params.items():
-        args += ["-P", f"{k}={v}"]
-    # mlflow.set_experiment in this process exports MLFLOW_EXPERIMENT_ID, which `mlflow run` would
-    # take as a second experiment choice.
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=400)
-
-
-def only_run(client, experiment):
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1
-    return runs[0]
-
-
-def artifact_paths(client, run_id, path=""):
-    out = []
-    for item in client.list_artifacts(run_id, path):
-        out += artifact_paths(client, run_id, item.path) if item.is_dir else [item.path]
-    return out
+from tests.conftest import BIN, COMMON_METRICS, ROOT, artifact_paths, mlflow_run, only_run
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import mlflow
 import pytest
 
 from src.config import RunConfig
-from tests.conftest import ROOT, free_port, start_mlflow_server, stop_mlflow_server
-from tests.test_end_to_end import only_run
+from tests.conftest import ROOT, free_port, only_run, start_mlflow_server, stop_mlflow_server
 
 
 def wait_for_metric(client, experiment, key, timeout=180):

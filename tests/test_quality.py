@@ -24,7 +24,7 @@ from src.loop import fit, predict, seed_everything
 from src.modeling import build_model, load_tokenizer
 from src.serving import TextClassifier
 from tests.builders import sentiment_frame
-from tests.test_end_to_end import artifact_paths
+from tests.conftest import artifact_paths
 
 
 def overconfident(n, accuracy, seed):

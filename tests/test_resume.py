@@ -19,8 +19,7 @@ import torch
 
 from src.checkpoint import Checkpointer
 from src.config import ConfigError
-from tests.conftest import ROOT, free_port, start_mlflow_server, stop_mlflow_server
-from tests.test_end_to_end import only_run
+from tests.conftest import ROOT, free_port, only_run, start_mlflow_server, stop_mlflow_server
 from tests.test_lifecycle import history, train_cmd, wait_for_metric
 
 STEPS_PER_EPOCH = 23  # 360 training rows (400 less a 10% validation split) in batches of 16

@@ -130,11 +130,11 @@ def test_orphan_sweep_spares_a_live_trial_of_the_same_study_name_on_another_stor
     child = tracking.create_run(experiment, tags={**tags, "optuna.trial": str(trial.number),
                                                   "mlflow.parentRunId": parent.info.run_id}).info.run_id
     sweep = optuna.create_study(study_name="same", storage=mine)
-    assert close_orphans(tracking, experiment, sweep, "same", identity(mine)) == 0
+    assert close_orphans(tracking, experiment, sweep, {**tags, "optuna.storage_id": identity(mine)}) == 0
     assert tracking.get_run(child).info.status == "RUNNING"
     # their own sweep closes it once their storage no longer runs the trial (its worker was killed)
     live.tell(trial, state=optuna.trial.TrialState.FAIL)
-    assert close_orphans(tracking, experiment, live, "same", identity(theirs)) == 1
+    assert close_orphans(tracking, experiment, live, tags) == 1
     assert tracking.get_run(child).info.status == "KILLED"
     assert tracking.get_run(parent.info.run_id).info.status == "RUNNING"  # its process (this one) lives
 
