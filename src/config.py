@@ -156,6 +156,12 @@ class TrainConfig:
     compile: str = _opt("off", "torch.compile the model once per batch shape (needs --bucket-width) for training "
                         "and evaluation: 'default' fuses kernels, 'reduce-overhead' also replays CUDA graphs on GPU.",
                         choices=COMPILE_MODES)
+    device: str = _opt("auto", "Where to train: 'auto' = this process's GPU (cuda:$LOCAL_RANK under torchrun or "
+                       "accelerate launch, else the first GPU that CUDA_VISIBLE_DEVICES leaves visible), else the CPU; "
+                       "or 'cpu', 'cuda', 'cuda:N', 'mps'. One tuning worker per GPU: "
+                       "--device cuda:N or CUDA_VISIBLE_DEVICES=N.")
+    dist_timeout: int = _opt(1800, "Seconds a process of torchrun / accelerate launch waits at a collective "
+                             "(gradient all-reduce, gathering predictions) before the job fails.")
     seed: int = _opt(42, "Seed for initialisation, dropout and batch order.")
     selection_metric: str = _opt("accuracy", "Validation metric that picks the best epoch and early-stops.",
                                  choices=SELECTION_METRICS)
@@ -207,6 +213,10 @@ class TrainConfig:
         if self.compile != "off" and not self.bucket_width:
             raise ConfigError("--compile needs --bucket-width (e.g. 64): without buckets nearly every batch has a "
                               "new shape and is compiled again")
+        if self.dist_timeout < 1:
+            raise ConfigError(f"--dist-timeout must be at least 1 second, got {self.dist_timeout}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"--early-stopping-patience must be >= 0, got {self.early_stopping_patience}")
         if self.class_weights not in ("", "balanced"):
@@ -234,6 +244,9 @@ class TrackingConfig:
                                   "same held-out examples (McNemar p < alpha and a bootstrap interval of the gain "
                                   "above 0). The registered model's policy (`python -m src.registry policy`) is "
                                   "the loosest level allowed: only a stricter value here has an effect.")
+    system_metrics: bool = _opt(True, "Log the machine's CPU, memory, disk and network use (and the GPU's, with "
+                                "nvidia-ml-py installed: the `gpu` extra) as `system/*` metrics of each run, sampled "
+                                "every 10 s (MLflow's system metrics).", type=bool)
     max_batch_size: int = _opt(1024, "Most texts the registered model scores in one request; a larger batch is "
                                "refused with HTTP 400 (0 = no limit).")
 

@@ -56,9 +56,11 @@ class Options:
 def preflight(cfg: RunConfig):
     """Cheap checks and loads, in order of cost; returns (splits, tokenizer)."""
     from .data import load_splits
+    from .loop import check_device
     from .modeling import attention_dropout_override, check_targets, check_weights, load_config, load_tokenizer
     from .tracking import check_experiment, check_reachable
 
+    check_device(cfg.train.device)
     splits = load_splits(cfg.data)
     cfg.train.loss_weights(splits.label_counts())  # one weight per label, checked now
     check_reachable()
@@ -119,7 +121,7 @@ def finetune(cfg: RunConfig, **options: Any) -> Outcome:
     data = prepare(cfg, opts.data)
     from .loop import init_distributed
 
-    dist = init_distributed()
+    dist = init_distributed(cfg.train.dist_timeout)
     if not dist.main:
         # Under `torchrun`/`accelerate launch` only rank 0 talks to MLflow; the others train and evaluate.
         return _train_quietly(cfg, data, dist, opts.evaluate_test)
@@ -135,7 +137,10 @@ def _resume_point(cfg: RunConfig, held: contextlib.ExitStack, dist):
     from . import checkpoint, tracking
 
     if dist.world > 1:
-        raise ConfigError("--resume-run-id works in a single process for now; resume without the launcher")
+        # A checkpoint holds one process's state: the other ranks' RNG and data-order states are not
+        # saved, so a resumed data-parallel job would not continue the interrupted one exactly.
+        raise ConfigError("--resume-run-id works in a single process: a checkpoint holds rank 0's state only, not "
+                          "the other ranks'; resume without torchrun/accelerate launch (same settings)")
     # Locked before the run reopens: a second resume of a live run is refused without touching it.
     saver = held.enter_context(checkpoint.resumable(cfg.train.checkpoint_dir, resume_id, cfg.flat()))
     tracking.check_resumable(resume_id)
@@ -180,11 +185,11 @@ def _build_logged(cfg: RunConfig, data: Prepared, dist, resumed: bool):
     model = build_model(cfg.model.model, cfg.model.strategy, data.splits.labels, cfg.lora,
                         cfg.model.attention_dropout)
     counts = count_params(model)
-    device = pick_device()
+    device = pick_device(cfg.train.device)
     dtype, precision_reason = precision_choice(cfg.train.precision, device)
     contract = tracking.log_setup(cfg, data.splits, {
         "trainable_params": counts.trainable, "total_params": counts.total,
-        "trainable_pct": round(counts.pct, 4), "device": device.type, "compute_dtype": str(dtype).split(".")[-1],
+        "trainable_pct": round(counts.pct, 4), "device": str(device), "compute_dtype": str(dtype).split(".")[-1],
         "precision_reason": precision_reason, "world_size": dist.world,
         "global_batch_size": cfg.train.batch_size * dist.world,
     }, resumed=resumed, tokenizer=data.tokenizer)
@@ -196,7 +201,7 @@ def _conclude(cfg: RunConfig, data: Prepared, model, result, contract: dict[str,
     """After training: calibrate, log validation (and test, scored once), keep the adapter or weights,
     and publish when a registered model is named."""
     from . import tracking
-    from .names import ADAPTER, WEIGHTS
+    from .names import ADAPTER, WEIGHTS, metric
 
     temperature = calibrate(cfg, result.best_val)
     # val/accuracy etc. are per-epoch histories; val/best_* hold the selected epoch for comparisons.
@@ -211,7 +216,8 @@ def _conclude(cfg: RunConfig, data: Prepared, model, result, contract: dict[str,
         from .registry import HeldOut, Trained, publish
 
         # The promotion gate compares with the champion on held-out examples: test when scored.
-        held_out = HeldOut("test", test_ev[0]) if test_ev else HeldOut("val", result.best_val)
+        held_out = (HeldOut("test", test_ev[0], {metric("test", k): v for k, v in test.items()}) if test_ev else
+                    HeldOut("val", result.best_val, {metric("val", k, best=True): v for k, v in val.items()}))
         publish(Trained(model, data.tokenizer, data.splits, temperature, contract), held_out, cfg)
     return Outcome("", val, test, 0, 0, result.best_epoch, result.train_seconds)
 
@@ -234,7 +240,7 @@ def score_test(cfg: RunConfig, data: Prepared, model, temperature: float, dist=N
     from . import tracking
     from .loop import Dist, Shapes, pick_device, predict, resolve_precision
 
-    device = pick_device()
+    device = pick_device(cfg.train.device)
     ev = predict(model.to(device), data.encoded["test"], cfg.train.eval_batch_size, data.tokenizer.pad_token_id,
                  device, resolve_precision(cfg.train.precision, device), progress="test", dist=dist or Dist(),
                  shapes=Shapes(device, cfg.train.bucket_width, cfg.train.compile))
@@ -256,7 +262,7 @@ def _train_quietly(cfg: RunConfig, data: Prepared, dist, evaluate_test: bool) ->
     result = fit(model, data.encoded["train"], data.encoded["val"], cfg.train, cfg.learning_rate,
                  len(data.splits.labels), pad_id, dist=dist)
     if evaluate_test:
-        device = pick_device()
+        device = pick_device(cfg.train.device)
         predict(model, data.encoded["test"], cfg.train.eval_batch_size, pad_id, device,
                 resolve_precision(cfg.train.precision, device), dist=dist,
                 shapes=Shapes(device, cfg.train.bucket_width, cfg.train.compile))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import Encoded, bucketed_batches, collate, length_grouped_batches, sorted_batches
 from .evaluate import Evaluation, metrics
 
@@ -71,31 +71,66 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Join the process group the launcher describes in WORLD_SIZE/RANK; a plain run is world 1."""
+def launched() -> bool:
+    """Started by torchrun or `accelerate launch` (they set LOCAL_RANK and WORLD_SIZE)."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(timeout_s: int = 1800) -> Dist:
+    """Join the process group the launcher describes in WORLD_SIZE/RANK; a plain run is world 1.
+    `timeout_s` bounds every collective (NCCL's own default is 600 s)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
+    import datetime
+
     import torch.distributed as dist
 
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
 def close_distributed() -> None:
-    """Wait for every process (rank 0 may still be logging), then leave the group. Exiting with
-    the group alive lets gloo's threads abort the process ("terminate called without an active
-    exception") and the launcher then kills the whole job."""
+    """Leave the group once this process's last collective is done. No barrier: the other ranks
+    do not wait while rank 0 uploads artifacts and gates the model, which can outlast any
+    collective timeout. Leaving (not just exiting with the group alive) keeps gloo's threads from
+    aborting the process ("terminate called without an active exception")."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
-def pick_device() -> torch.device:
+def check_device(setting: str) -> None:
+    """A --device this process can use, before anything loads."""
+    if setting == "auto":
+        return
+    if launched():
+        raise ConfigError(f"--device {setting}: under torchrun or accelerate launch each process takes the GPU of "
+                          f"its LOCAL_RANK; leave --device auto")
+    if setting.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(setting.partition(":")[2] or 0)
+        if index >= count:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            shown = f"{count} visible" + (f" with CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "")
+            raise ConfigError(f"--device {setting} names a GPU this process cannot see ({shown}); "
+                              f"{'pick cuda:0 to cuda:' + str(count - 1) if count else 'use --device auto or cpu'}")
+    if setting == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: this machine has no usable Apple MPS device; use --device auto or cpu")
+
+
+def pick_device(setting: str = "auto") -> torch.device:
+    """'auto': this process's GPU (the launcher's LOCAL_RANK, set by init_distributed, else the first
+    visible one), else the CPU. Anything else as given (checked by check_device)."""
+    if setting != "auto":
+        device = torch.device(setting)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # compiled graphs and current_device() then agree
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -370,7 +405,7 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
     from .checkpoint import StopOnSignal, TrainState, global_rng_state, set_global_rng_state
 
     logger = logger or NullLogger()
-    device = pick_device()
+    device = pick_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -363,6 +363,7 @@ class HeldOut:
 
     split: str  # "test" when the test split was scored, else "val"
     ev: Any  # evaluate.Evaluation on that split
+    metrics: dict[str, float] = field(default_factory=dict)  # as logged to the run, e.g. test/accuracy
 
 
 def publish(trained: Trained, held_out: HeldOut, cfg: RunConfig,
@@ -377,6 +378,8 @@ def publish(trained: Trained, held_out: HeldOut, cfg: RunConfig,
     settings = {"max_length": cfg.data.max_length, "temperature": trained.temperature,
                 "max_batch_size": cfg.tracking.max_batch_size}
     info = tracking.log_servable(servable(trained.model).cpu(), trained.tokenizer, settings, hashes)
+    if held_out.metrics:
+        tracking.link_to_model(info.model_id, held_out.metrics, cfg, splits, held_out.split)
     frame = splits.test if held_out.split == "test" else splits.val
     counts = splits.label_counts()
     cand = Candidate(model_uri=info.model_uri, labels=splits.labels, split=held_out.split,

@@ -246,7 +246,8 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
     try:
         # Opened inside the try: a Ctrl-C in the instant after the run is created still closes it.
         if resume_run_id:
-            active = mlflow.start_run(run_id=resume_run_id)  # back to RUNNING, same id, same history
+            # back to RUNNING, same id, same history
+            active = mlflow.start_run(run_id=resume_run_id, log_system_metrics=cfg.tracking.system_metrics)
         else:
             if not inside_project and not nested:
                 mlflow.set_experiment(cfg.tracking.experiment_name)
@@ -255,6 +256,7 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
             # Tags go in with the creation itself: a process killed a moment later leaves a run that
             # still says which study and trial it belongs to, so a restarted worker can close it.
             active = mlflow.start_run(run_name=None if inside_project else name, nested=nested,
+                                      log_system_metrics=cfg.tracking.system_metrics,
                                       tags=None if inside_project else tags)
             if derived and _name_taken(active, name):
                 name = f"{name}-e{cfg.train.epochs}"  # e.g. the same recipe trained longer
@@ -319,7 +321,7 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
               "test_texts_in_train": splits.test_in_train,
               "duplicate_train_texts": splits.duplicate_train_texts,
               "conflicting_train_texts": splits.conflicting_train_texts}
-    dataset = Path(cfg.data.train_data).name if cfg.data.train_data else cfg.data.dataset
+    dataset = dataset_name(cfg)
     values["dataset"] = dataset  # what was used: the file, when files are given
     fresh = {k: str(v) for k, v in values.items() if k not in existing}
     if fresh:
@@ -328,24 +330,37 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
     contract = log_contract(splits, cfg.data.split_seed, tokenizer)
     mlflow.log_dict({**cfg.flat(), "learning_rate": cfg.learning_rate}, "config/resolved_config.yaml")
     mlflow.log_dict({"id2label": dict(enumerate(splits.labels))}, "config/label_map.json")
-    def source_of(where: str):
-        if cfg.data.train_data:
-            return where
+    if not resumed:  # a resumed run logged its inputs when it started
+        for context in ("train", "validation", "test"):
+            mlflow.log_input(mlflow_dataset(cfg, splits, context), context=context)
+    return contract
+
+
+def dataset_name(cfg: RunConfig) -> str:
+    return Path(cfg.data.train_data).name if cfg.data.train_data else cfg.data.dataset
+
+
+def mlflow_dataset(cfg: RunConfig, splits, context: str):
+    """One split ("train", "validation", "test") as an MLflow dataset: its digest, schema and source
+    (the local file, or the hub dataset and split)."""
+    df = {"train": splits.train, "validation": splits.val, "test": splits.test}[context]
+    where = splits.test_source if context == "test" else splits.train_source
+    source = where
+    if not cfg.data.train_data:
         from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
         name, split = where.rsplit(":", 1)
-        return HuggingFaceDatasetSource(path=name, split=split)
+        source = HuggingFaceDatasetSource(path=name, split=split)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # schema hints about int columns: labels are never missing
+        return mlflow.data.from_pandas(df, source=source, name=f"{dataset_name(cfg)}-{context}", targets="label")
 
-    if resumed:
-        return contract  # inputs were logged when the run started
-    for context, df, where in (("train", splits.train, splits.train_source),
-                               ("validation", splits.val, splits.train_source),
-                               ("test", splits.test, splits.test_source)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # schema hints about int columns: labels are never missing
-            ds = mlflow.data.from_pandas(df, source=source_of(where), name=f"{dataset}-{context}", targets="label")
-            mlflow.log_input(ds, context=context)
-    return contract
+
+def link_to_model(model_id: str, metrics: dict[str, float], cfg: RunConfig, splits, split: str) -> None:
+    """The held-out metrics again, linked to the logged model and to the split's dataset: MLflow 3
+    shows them on the model's page and in the run's Models tab (the run's own copy keeps its value)."""
+    dataset = mlflow_dataset(cfg, splits, "test" if split == "test" else "validation")
+    mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, model_id=model_id, dataset=dataset)
 
 
 def log_contract(splits, split_seed: int, tokenizer=None) -> dict[str, str]:

@@ -539,12 +539,13 @@ def register_best(cfg: RunConfig, data, *, best_run_id: str, best_params: dict[s
     from . import registry, tracking
     from .finetune import calibrate, prepare, score_test
     from .loop import pick_device, predict, resolve_precision
+    from .names import metric as metric_key
 
     lora = dataclasses.replace(cfg.lora, **{k: v for k, v in best_params.items() if k.startswith("lora_")})
     cfg = dataclasses.replace(cfg, lora=lora)
     data = prepare(cfg, data)
     with tempfile.TemporaryDirectory() as tmp:
-        device = pick_device()
+        device = pick_device(cfg.train.device)
         model = _trained_model(cfg, best_params.get("strategy", "lora"), best_run_id, data.splits.labels,
                                tmp).to(device)
         val_ev = None
@@ -553,7 +554,8 @@ def register_best(cfg: RunConfig, data, *, best_run_id: str, best_params: dict[s
                              device, resolve_precision(cfg.train.precision, device), progress="val (winner)")
         temperature = calibrate(cfg, val_ev)
         test = score_test(cfg, data, model, temperature) if evaluate_test else None
-        held_out = registry.HeldOut("test", test[0]) if test else registry.HeldOut("val", val_ev)
+        held_out = (registry.HeldOut("test", test[0], {metric_key("test", k): v for k, v in test[1].items()})
+                    if test else registry.HeldOut("val", val_ev))
         contract = tracking.log_contract(data.splits, cfg.data.split_seed, data.tokenizer)
         tags = {STUDY: study_name, TRIAL: trial_number, TRIAL_RUN_ID: best_run_id,
                 "val_metric": metric, "val_metric_value": value, **{f"param.{k}": v for k, v in best_params.items()}}
@@ -582,6 +584,12 @@ def _trained_model(cfg: RunConfig, strategy: str, run_id: str, labels: list[str]
 @config_options(fields=TUNE_FIELDS)
 def tune(**values: Any) -> None:
     """Optuna search over LoRA settings with nested MLflow runs; the winner goes to the registry."""
+    from .loop import launched
+
+    if launched():
+        fail(ConfigError("python -m src.tune runs one process per worker, not under torchrun or accelerate launch "
+                         "(each rank would sample and prune its own trials); start one worker per GPU on the same "
+                         "--storage: CUDA_VISIBLE_DEVICES=N python -m src.tune ... or --device cuda:N"))
     tune_values = {f.name: values.pop(f.name) for f in TUNE_FIELDS}
     cfg = build_config({**values, "strategy": "lora"})
     try:

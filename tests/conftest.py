@@ -43,6 +43,9 @@ def offline_env(tmp_path_factory):
         "MLFLOW_ENV_ROOT": str(home / "mlflow-envs"),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "TOKENIZERS_PARALLELISM": "false",
+        # System metrics every second instead of every 10 s: every run of the suite lasts long enough to
+        # log them, so two runs' metric keys are comparable.
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
         # `mlflow run --env-manager local` starts `python` from PATH: make it this interpreter.
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }

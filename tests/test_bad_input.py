@@ -57,6 +57,9 @@ CASES = {
     "negative split seed": (["--split-seed", "-1"], "--split-seed must be an integer from 0 to 4294967295"),
     "negative seed": (["--seed", "-5"], "--seed must be an integer from 0 to 4294967295"),
     "empty experiment name": (["--experiment-name", ""], "--experiment-name must not be empty"),
+    "not a device": (["--device", "gpu0"], "--device must be auto, cpu, cuda, cuda:N or mps"),
+    "a GPU this process cannot see": (["--device", "cuda:99"], "--device cuda:99 names a GPU this process cannot see"),
+    "collective timeout of 0": (["--dist-timeout", "0"], "--dist-timeout must be at least 1 second"),
     "model folder without safetensors": (["--model", "{d}/bin-only"], "has no safetensors weights (found "
                                          "pytorch_model.bin"),
 }

@@ -97,6 +97,19 @@ def test_registered_model_reloads_offline_and_predicts_identically(tracking, lor
     assert size < 2_000_000
 
 
+def test_system_metrics_and_test_metrics_linked_to_the_logged_model(tracking, lora_run):
+    """MLflow 3's model-centric view: the model the run logged (and registered) holds the run's test
+    metrics, each tied to the test dataset; the run samples the machine (system/*)."""
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(lora_run.data.metrics)
+    (output,) = lora_run.outputs.model_outputs
+    model = tracking.get_logged_model(output.model_id)
+    assert model.name == "model" and model.source_run_id == lora_run.info.run_id
+    linked = {m.key: m for m in model.metrics}
+    for key in ("test/accuracy", "test/f1", "test/roc_auc"):
+        assert linked[key].value == pytest.approx(lora_run.data.metrics[key])
+        assert linked[key].dataset_name == "train.parquet-test" and linked[key].run_id == lora_run.info.run_id
+
+
 def test_train_module_runs_without_mlflow_projects(tracking, distilbert_dir, data_files):
     proc = subprocess.run(
         [sys.executable, "-m", "src.train", "--strategy", "full", "--model", str(distilbert_dir),

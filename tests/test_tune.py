@@ -238,6 +238,18 @@ def test_bad_tune_input(args, message, tmp_path):
     assert not list(tmp_path.iterdir())  # no storage, no mlflow.db
 
 
+def test_tuning_under_a_launcher_is_refused(tmp_path):
+    """torchrun sets LOCAL_RANK/WORLD_SIZE: every rank would run its own trials; one line says what to do."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"}
+    proc = subprocess.run([sys.executable, "-m", "src.tune"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
+    assert proc.stderr.startswith("error: python -m src.tune runs one process per worker") and "--device cuda:N" in \
+        proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_journal_file_storage(tracking, distilbert_dir, data_files, tmp_path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
