@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -292,27 +290,3 @@ def check_settings(saved: dict[str, Any], config: dict[str, Any], run_id: str) -
     if changed:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed[:4])
         raise ConfigError(f"run {run_id} was started with other settings ({shown}); resume it with the same ones")
-
-
-class StopOnSignal:
-    """Ctrl-C or SIGTERM asks the loop to stop at the next optimizer step, after a checkpoint;
-    a second signal stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if self.requested:
-            raise KeyboardInterrupt(f"signal {signum} (second)")
-        self.requested = True
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread only
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

@@ -367,7 +367,8 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
     """
     from transformers import get_scheduler
 
-    from .checkpoint import StopOnSignal, TrainState, global_rng_state, set_global_rng_state
+    from .checkpoint import TrainState, global_rng_state, set_global_rng_state
+    from .signals import StopOnSignal
 
     logger = logger or NullLogger()
     device = pick_device()
@@ -435,8 +436,6 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
             counts=[result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen, result.train_seconds],
         ))
 
-    # A flag, not an exception raised from the handler: a KeyboardInterrupt raised while Python runs a
-    # weakref callback or __del__ is printed and dropped, and the signal would be lost.
     stop = StopOnSignal()
     saved = "; checkpoint saved" if checkpointer is not None else ""
     epoch = first_epoch - 1
