@@ -8,6 +8,7 @@ import time
 import urllib.request
 
 import mlflow
+import numpy as np
 import pytest
 
 from src.config import RunConfig
@@ -26,10 +27,25 @@ def wait_for_metric(client, experiment, key, timeout=180):
     raise AssertionError(f"no {key} in {experiment} after {timeout}s")
 
 
+BATCH_SIZE = 16
+
+
 def train_cmd(model_dir, data_files, experiment, checkpoints, *extra):
     return [sys.executable, "-m", "src.train", "--model", str(model_dir), "--train-data", str(data_files[0]),
             "--test-data", str(data_files[1]), "--experiment-name", experiment, "--checkpoint-dir", str(checkpoints),
-            "--learning-rate", "5e-3", "--batch-size", "16", "--logging-steps", "1", *extra]
+            "--learning-rate", "5e-3", "--batch-size", str(BATCH_SIZE), "--logging-steps", "1", *extra]
+
+
+def steps_per_epoch(data_files) -> int:
+    """Optimizer steps per epoch of a `train_cmd` run: its train rows (the file less the validation
+    split) in length-grouped batches of BATCH_SIZE, one step per batch."""
+    from src.data import length_grouped_batches, load_splits
+
+    cfg = RunConfig.from_flat({"train_data": str(data_files[0]), "test_data": str(data_files[1]),
+                               "batch_size": BATCH_SIZE})
+    assert cfg.train.gradient_accumulation_steps == 1
+    n_train = len(load_splits(cfg.data).train)
+    return len(length_grouped_batches(np.ones(n_train, dtype=np.int64), BATCH_SIZE, np.random.default_rng(0)))
 
 
 @pytest.mark.parametrize("sig, experiment", [(signal.SIGTERM, "sigterm"), (signal.SIGINT, "sigint")])
@@ -111,7 +127,8 @@ def test_tracking_server_restart_mid_run_loses_nothing(distilbert_dir, data_file
     uri = f"http://127.0.0.1:{port}"
     server = start_mlflow_server(folder, port)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    proc = subprocess.Popen(train_cmd(distilbert_dir, data_files, "outage", tmp_path / "ckpt", "--epochs", "6"),
+    epochs = 6
+    proc = subprocess.Popen(train_cmd(distilbert_dir, data_files, "outage", tmp_path / "ckpt", "--epochs", str(epochs)),
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     client = mlflow.MlflowClient(uri)
     try:
@@ -127,8 +144,10 @@ def test_tracking_server_restart_mid_run_loses_nothing(distilbert_dir, data_file
         done = client.get_run(run.info.run_id)
         assert done.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-        assert sorted(steps) == list(range(1, 6 * 23 + 1))  # every step once: no gap, no duplicate
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [1, 2, 3, 4, 5, 6]
+        # every step once: no gap, no duplicate
+        assert sorted(steps) == list(range(1, epochs * steps_per_epoch(data_files) + 1))
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == list(
+            range(1, epochs + 1))
     finally:
         proc.kill()
         stop_mlflow_server(server)
