@@ -14,10 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import tempfile
-import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,92 +34,118 @@ class CheckpointError(ConfigError):
     """A checkpoint cannot be written or read; one line, like every refusal the CLI prints."""
 
 
-@dataclass
-class TrainState:
-    """Everything the next optimizer step depends on, after `batch_index` batches of `epoch`.
+def _plain(value: Any) -> Any:
+    """Tensors, plain numbers, lists and dicts only."""
+    import numpy as np
+    import torch
 
-    Field names are the checkpoint's keys. `state_dict` turns numpy values and evaluations into
-    tensors and plain numbers, which `torch.load(weights_only=True)` accepts."""
+    if hasattr(value, "state_dict"):
+        return value.state_dict()
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if is_dataclass(value):  # an evaluation
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, np.ndarray):
+        return torch.tensor(value)  # a copy: the array may be a read-only view, which torch warns about sharing
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
-    epoch: int
-    batch_index: int
-    step: int
-    rng_epoch: dict  # numpy Generator state that regenerates `epoch`'s batch order
-    rng: dict  # the global generators: python, numpy, torch CPU and CUDA (global_rng_state)
-    model: dict  # trainable tensors only
-    optimizer: dict
-    scheduler: dict
-    scaler: dict
-    best_state: dict | None
-    best_score: float | None
-    best_epoch: int
-    best_metrics: dict | None
-    best_val: Any  # evaluate.Evaluation | None
-    bad_epochs: int
-    history: list
-    running: float
-    running_n: int
-    counts: list  # samples, real tokens, padded tokens seen; training seconds
+
+def _evaluation(saved: dict | None):
+    from .evaluate import Evaluation
+
+    if saved is None:
+        return None
+    return Evaluation(**{k: v.numpy() if hasattr(v, "numpy") else v for k, v in saved.items()})
+
+
+class GlobalRng:
+    """Python's, numpy's and torch's global generators, as a component of the state."""
 
     def state_dict(self) -> dict[str, Any]:
+        import random
+
+        import numpy as np
         import torch
 
-        state = {f.name: getattr(self, f.name) for f in fields(self)}  # no copy: asdict deep-copies tensors
-        ev = self.best_val
-        if ev is not None:
-            # copies: the arrays may be read-only views, which torch warns about sharing
-            state["best_val"] = {"labels": torch.tensor(ev.labels), "probs": torch.tensor(ev.probs),
-                                 "loss": float(ev.loss)}
-        state["best_score"] = None if self.best_score is None else float(self.best_score)
-        state["best_metrics"] = _floats(self.best_metrics)
-        state["history"] = [_floats(h) for h in self.history]
-        state["counts"] = [float(c) if isinstance(c, float) else int(c) for c in self.counts]
-        return state
+        version, internal, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {"python": [version, list(internal), gauss],
+                "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """The training loop's resumable state, in one object: everything the next optimizer step
+    depends on, after `batch_index` batches of `epoch`.
+
+    Field names are the checkpoint's keys, written here once: `state_dict` and `load_state_dict`
+    both walk the fields. A field holding a component (anything with `state_dict` and
+    `load_state_dict`: the model, optimizer, ...) is saved and restored by the component itself;
+    a tensor is overwritten in place (it stays on its device); other values are saved as tensors and
+    plain numbers, which `torch.load(weights_only=True)` accepts, and assigned back."""
+
+    model: Any  # component: the trainable tensors only
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    rng_epoch: Any  # component: the generator of batch order, saved as it was when `epoch` began
+    counts: Any  # component: samples, real tokens, padded tokens seen; training seconds
+    running: Any  # training loss summed on the device since it was last logged
+    rng: Any = field(default_factory=GlobalRng)  # python, numpy, torch CPU and CUDA
+    epoch: int = 1
+    batch_index: int = 0
+    step: int = 0
+    running_n: int = 0
+    best_state: dict | None = None
+    best_score: float | None = None
+    best_epoch: int = 0
+    best_metrics: dict | None = None
+    best_val: Any = field(default=None, metadata={"load": _evaluation})  # evaluate.Evaluation
+    bad_epochs: int = 0
+    history: list = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import torch
+
+        for f in fields(self):
+            current, value = getattr(self, f.name), state[f.name]
+            if hasattr(current, "load_state_dict"):
+                current.load_state_dict(value)
+            elif isinstance(current, torch.Tensor):
+                current.copy_(torch.as_tensor(value))
+            else:
+                setattr(self, f.name, f.metadata.get("load", lambda v: v)(value))
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> TrainState:
-        from .evaluate import Evaluation
-
-        ev = state["best_val"]
-        if ev is not None:
-            ev = Evaluation(labels=ev["labels"].numpy(), probs=ev["probs"].numpy(), loss=ev["loss"])
-        return cls(**{f.name: state[f.name] for f in fields(cls)} | {"best_val": ev})
-
-
-def _floats(values: dict | None) -> dict | None:
-    return None if values is None else {k: float(v) if not isinstance(v, int) else v for k, v in values.items()}
-
-
-def global_rng_state() -> dict[str, Any]:
-    """Python's, numpy's and torch's global generators, as lists and tensors."""
-    import random
-
-    import numpy as np
-    import torch
-
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_global_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
 
 
 class Checkpointer:
@@ -187,15 +211,17 @@ class Checkpointer:
                                       f"or fix the folder, then resume with --resume-run-id {self.run_id}") from exc
             raise
 
-    def load(self) -> TrainState:
-        """The checkpoint, read without unpickling anything and checked against the resuming settings."""
+    def load(self) -> dict[str, Any]:
+        """The checkpoint's state (for `TrainState.load_state_dict`), read without unpickling anything
+        and checked against the resuming settings."""
         saved = self._read()
         check_settings(saved.get("config", {}), self.config, self.run_id)
-        try:
-            return TrainState.from_state_dict(saved["state"])
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"checkpoint {self.path} lacks {exc}; it was not written by this release: delete "
-                                  f"{self.folder} and train the run again") from None
+        state = saved.get("state")
+        missing = [key for key in TrainState.keys() if not isinstance(state, dict) or key not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint {self.path} lacks {missing[0]!r}; it was not written by this release: "
+                                  f"delete {self.folder} and train the run again")
+        return state
 
     def check_exists(self) -> None:
         if not self.path.is_file():
@@ -292,27 +318,3 @@ def check_settings(saved: dict[str, Any], config: dict[str, Any], run_id: str) -
     if changed:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed[:4])
         raise ConfigError(f"run {run_id} was started with other settings ({shown}); resume it with the same ones")
-
-
-class StopOnSignal:
-    """Ctrl-C or SIGTERM asks the loop to stop at the next optimizer step, after a checkpoint;
-    a second signal stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if self.requested:
-            raise KeyboardInterrupt(f"signal {signum} (second)")
-        self.requested = True
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread only
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

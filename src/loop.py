@@ -1,7 +1,8 @@
 """The training loop. Knows nothing of MLflow: it reports to a `logger` with one method.
 
-A plain PyTorch loop rather than transformers' Trainer: on one H200 the same recipe ran 1,396
-samples/s here against 1,024 through Trainer (STACK_NOTES), the loop is short enough to read
+A plain PyTorch loop rather than transformers' Trainer: with the same settings (DistilBERT-base
+architecture, bf16, length-grouped batches of 64, fused AdamW) one H200 trained 1,396 samples/s
+through this loop against 1,024 through Trainer (measured 2026-11); the loop is short enough to read
 top to bottom, and it gives exact control over batching, precision and host syncs.
 """
 
@@ -13,17 +14,19 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checkpoint import TrainState
 from .config import ConfigError, TrainConfig
 from .data import Encoded, bucketed_batches, collate, length_grouped_batches, sorted_batches
 from .evaluate import Evaluation, metrics
+from .signals import StopOnSignal
 
 
 class Logger(Protocol):
@@ -154,7 +157,8 @@ def precision_choice(precision: str, device: torch.device) -> tuple[torch.dtype,
 
 def cpu_bf16_facts() -> dict[str, bool]:
     """The CPU flags that decide `auto` there. `torch.ops.mkldnn._is_mkldnn_bf16_supported()`
-    answers True on any AVX-512 CPU, also where bf16 is only emulated (STACK_NOTES); these do not."""
+    answers True on any AVX-512 CPU, also where bf16 is only emulated (benchmarks/README.md, "CPU
+    precision"); these do not."""
     try:
         caps = torch.cpu.get_capabilities()
     except (AttributeError, RuntimeError):
@@ -172,8 +176,8 @@ def _avx512_bf16() -> bool:
 
 def auto_cpu_precision(facts: dict[str, bool]) -> tuple[str, str]:
     """bf16 autocast only where the CPU has bf16 dot products (AVX512-BF16 or AMX): about 1.4x
-    faster than fp32 on a Zen 4 core; where bf16 is emulated (Skylake-SP's AVX-512) a DistilBERT-size
-    step took 2.7x longer than fp32 (STACK_NOTES)."""
+    faster than fp32 on a Zen 4 core; where bf16 is emulated (Skylake-SP's AVX-512) a MiniLM training
+    step took 2.7x longer than fp32 (benchmarks/README.md, "CPU precision")."""
     native = [flag for flag in ("amx_bf16", "avx512_bf16") if facts.get(flag)]
     if native:
         return "bf16", f"CPU with native bf16 ({', '.join(native)})"
@@ -369,8 +373,9 @@ class _WarmupClock:
     """Times the steps that meet a batch shape for the first time: under --compile those compile,
     and steady-state throughput leaves them out."""
 
-    def __init__(self, result: FitResult, shapes: Shapes):
-        self.result, self.on, self.seen = result, shapes.compile != "off", set()
+    def __init__(self, shapes: Shapes):
+        self.on, self.seen = shapes.compile != "off", set()
+        self.seconds, self.samples = 0.0, 0
 
     @contextlib.contextmanager
     def step(self, shape: tuple, n: int, device: torch.device):
@@ -384,29 +389,124 @@ class _WarmupClock:
         yield
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        self.result.warmup_seconds += time.perf_counter() - t0
-        self.result.warmup_samples += n
+        self.seconds += time.perf_counter() - t0
+        self.samples += n
+
+
+@dataclass
+class Counts:
+    """What training has processed; checkpointed, so throughput spans a resumed run."""
+
+    samples: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, samples: int, real_tokens: int, padded_tokens: int) -> None:
+        self.samples += samples
+        self.real_tokens += real_tokens
+        self.padded_tokens += padded_tokens
+
+    def state_dict(self) -> list:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def load_state_dict(self, values: list) -> None:
+        for f, value in zip(fields(self), values, strict=True):
+            setattr(self, f.name, value)
+
+
+class _Trainable:
+    """The model as a checkpoint holds it: only what training changes."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return _trainable_state(self.model)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=False)
+
+
+class _BatchOrder:
+    """The seeded generator of every epoch's batch order. A checkpoint keeps its state as of the
+    epoch's start: a resume draws that epoch's batches again and skips the ones done."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.start = self.rng.bit_generator.state
+
+    def draw(self, cfg: TrainConfig, lengths: np.ndarray, dist: Dist) -> list[np.ndarray]:
+        self.start = self.rng.bit_generator.state
+        return _epoch_batches(cfg, lengths, dist, self.rng)
+
+    def next_epoch(self) -> None:
+        self.start = self.rng.bit_generator.state
+
+    def state_dict(self) -> dict:
+        return self.start
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+        self.start = state
+
+
+@dataclass
+class _Setup:
+    """What stays fixed while one model trains: data, device, precision, shapes and listeners.
+    What changes, and is checkpointed, is the `checkpoint.TrainState`."""
+
+    cfg: TrainConfig
+    model: Any  # the weights trained, selected and saved
+    trained: Any  # the model, or its DDP wrapper, that runs the steps
+    train: Encoded
+    val: Encoded
+    n_classes: int
+    pad_id: int
+    device: torch.device
+    dtype: torch.dtype
+    shapes: Shapes
+    cap: int
+    class_weight: torch.Tensor | None
+    steps_per_epoch: int
+    dist: Dist
+    logger: Logger
+    checkpointer: Any
+    clock: _WarmupClock
+    stop: StopOnSignal
+
+    @property
+    def saved(self) -> str:
+        return "; checkpoint saved" if self.checkpointer is not None else ""
 
 
 def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: float, n_classes: int,
         pad_id: int, logger: Logger | None = None,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None, dist: Dist = Dist(),
-        checkpointer=None, resume=None) -> FitResult:
+        checkpointer=None, resume: dict | None = None) -> FitResult:
     """Train, evaluate on validation after each epoch, and leave the best epoch's weights in `model`.
 
     `on_epoch(epoch, val_metrics)` may raise to stop (e.g. an Optuna pruner). Under a launcher
     (`dist.world` > 1) `cfg.batch_size` is per process and gradients are averaged by DDP.
     With a `checkpointer`, state is saved after every epoch (and every `cfg.checkpoint_steps`
     optimizer steps), and Ctrl-C/SIGTERM save one at the next optimizer step before stopping;
-    `resume` (a loaded checkpoint.TrainState) continues exactly where it was saved.
+    `resume` (a checkpoint's state, `Checkpointer.load()`) continues exactly where it was saved.
     """
-    from transformers import get_scheduler
+    setup = _setup(model, train, val, cfg, n_classes, pad_id, logger or NullLogger(), dist, checkpointer)
+    state = _initial_state(setup, learning_rate)
+    if resume is not None:
+        state.load_state_dict(resume)
+    stopped_early = False
+    with setup.stop, setup.shapes.compiled(model):
+        while state.epoch <= cfg.epochs and not stopped_early:
+            _train_epoch(setup, state)
+            stopped_early = _end_epoch(setup, state, on_epoch)
+    return _result(setup, state, stopped_early)
 
-    from .checkpoint import StopOnSignal, TrainState, global_rng_state, set_global_rng_state
 
-    logger = logger or NullLogger()
+def _setup(model, train: Encoded, val: Encoded, cfg: TrainConfig, n_classes: int, pad_id: int, logger: Logger,
+           dist: Dist, checkpointer) -> _Setup:
     device = pick_device(cfg.device)
-    dtype = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.to(device)
@@ -415,163 +515,177 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, learning_rate: fl
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    rng = np.random.default_rng(cfg.seed)
-    lengths = train.lengths
     weights = cfg.loss_weights(np.bincount(train.labels, minlength=n_classes).tolist())
-    class_weight = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
     shapes = Shapes(device, cfg.bucket_width, cfg.compile)
-    n_batches = len(_epoch_batches(cfg, lengths, dist, np.random.default_rng(0)))
-    steps_per_epoch = math.ceil(n_batches / cfg.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=learning_rate,
-                                  fused=device.type == "cuda")
+    n_batches = len(_epoch_batches(cfg, train.lengths, dist, np.random.default_rng(0)))
+    return _Setup(
+        cfg=cfg, model=model, trained=trained, train=train, val=val, n_classes=n_classes, pad_id=pad_id,
+        device=device, dtype=resolve_precision(cfg.precision, device), shapes=shapes, cap=shapes.cap(train.lengths),
+        class_weight=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
+        steps_per_epoch=math.ceil(n_batches / cfg.gradient_accumulation_steps), dist=dist, logger=logger,
+        checkpointer=checkpointer, clock=_WarmupClock(shapes), stop=StopOnSignal())
+
+
+def _initial_state(setup: _Setup, learning_rate: float) -> TrainState:
+    """The state at the first step: optimizer, schedule and scaler fresh, generators seeded."""
+    from transformers import get_scheduler
+
+    cfg = setup.cfg
+    total_steps = setup.steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(_param_groups(setup.model, cfg.weight_decay), lr=learning_rate,
+                                  fused=setup.device.type == "cuda")
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    cap = shapes.cap(lengths)
+    return TrainState(model=_Trainable(setup.model), optimizer=optimizer, scheduler=scheduler,
+                      scaler=torch.amp.GradScaler(setup.device.type, enabled=setup.dtype == torch.float16),
+                      rng_epoch=_BatchOrder(cfg.seed), counts=Counts(), running=torch.zeros((), device=setup.device))
 
-    best_state, best_val, best_metrics, best_epoch, best_score = None, None, None, 0, None
-    result = FitResult(best_epoch=0, best_val=None, best_val_metrics={})  # type: ignore[arg-type]
-    clock = _WarmupClock(result, shapes)
-    bad_epochs, step = 0, 0
-    running = torch.zeros((), device=device)
-    running_n = 0
-    first_epoch, skip = 1, 0
-    if resume is not None:
-        model.load_state_dict(resume.model, strict=False)
-        optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.scheduler)
-        scaler.load_state_dict(resume.scaler)
-        rng.bit_generator.state = resume.rng_epoch
-        set_global_rng_state(resume.rng)
-        first_epoch, skip, step = resume.epoch, resume.batch_index, resume.step
-        best_state, best_score, best_epoch = resume.best_state, resume.best_score, resume.best_epoch
-        best_metrics, best_val, bad_epochs = resume.best_metrics, resume.best_val, resume.bad_epochs
-        result.history = resume.history
-        running += resume.running
-        running_n = resume.running_n
-        (result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen,
-         result.train_seconds) = resume.counts
 
-    def snapshot(epoch: int, batch_index: int, rng_epoch: dict) -> None:
-        """Everything the next step depends on: `batch_index` batches of `epoch` are done, and
-        `rng_epoch` regenerates that epoch's batch order."""
-        if checkpointer is None or not dist.main:
-            return
-        # Metrics up to here must be on the server before the checkpoint says they are done: a resume
-        # re-logs only the steps the server lacks, so nothing is lost or doubled. flush() raises if any was refused.
-        logger.flush()
-        checkpointer.save(TrainState(
-            epoch=epoch, batch_index=batch_index, step=step, rng_epoch=rng_epoch, rng=global_rng_state(),
-            model=_trainable_state(model), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(), best_state=best_state, best_score=best_score, best_epoch=best_epoch,
-            best_metrics=best_metrics, best_val=best_val, bad_epochs=bad_epochs, history=result.history,
-            running=float(running), running_n=running_n,
-            counts=[result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen, result.train_seconds],
-        ))
+def _train_epoch(setup: _Setup, state: TrainState) -> None:
+    """The batches of `state.epoch` from `state.batch_index` on: all of them unless resumed mid-epoch."""
+    cfg = setup.cfg
+    setup.trained.train()
+    t0 = time.perf_counter()
+    batches = state.rng_epoch.draw(cfg, setup.train.lengths, setup.dist)
+    start = state.batch_index
+    bar = tqdm(range(start, len(batches)), desc=f"train epoch {state.epoch}/{cfg.epochs}", mininterval=2.0,
+               disable=not setup.dist.main, initial=start, total=len(batches))
+    for i in bar:
+        last = i + 1 == len(batches)
+        stepping = (i + 1) % cfg.gradient_accumulation_steps == 0 or last
+        _forward_backward(setup, state, batches[i], stepping)
+        if stepping:
+            _optimizer_step(setup, state)
+            state.batch_index = i + 1
+            _after_step(setup, state, bar, last)
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize(setup.device)
+    state.counts.seconds += time.perf_counter() - t0
 
-    # A flag, not an exception raised from the handler: a KeyboardInterrupt raised while Python runs a
-    # weakref callback or __del__ is printed and dropped, and the signal would be lost.
-    stop = StopOnSignal()
-    saved = "; checkpoint saved" if checkpointer is not None else ""
-    epoch = first_epoch - 1
-    with stop, shapes.compiled(model):
-        for epoch in range(first_epoch, cfg.epochs + 1):
-            trained.train()
-            t0 = time.perf_counter()
-            rng_epoch = rng.bit_generator.state
-            batches = _epoch_batches(cfg, lengths, dist, rng)
-            start, skip = skip, 0
-            bar = tqdm(range(start, len(batches)), desc=f"train epoch {epoch}/{cfg.epochs}", mininterval=2.0,
-                       disable=not dist.main, initial=start, total=len(batches))
-            for i in bar:
-                idx = batches[i]
-                rows = shapes.rows(int(lengths[idx].max()), cap, cfg.batch_size, cfg.batch_tokens, dist.world)
-                ids, mask, y = collate(train, idx, pad_id, shapes.multiple, cap, rows)
-                stepping = (i + 1) % cfg.gradient_accumulation_steps == 0 or i + 1 == len(batches)
-                # DDP all-reduces gradients only on the micro-step that updates the weights.
-                sync = contextlib.nullcontext() if stepping or dist.world == 1 else trained.no_sync()
-                shapes.step_begin()
-                with clock.step(tuple(ids.shape), len(idx), device), sync:
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                        logits = trained(input_ids=to_device(ids, device),
-                                         attention_mask=to_device(mask, device)).logits
-                    loss = F.cross_entropy(logits.float(), to_device(y, device), weight=class_weight)
-                    scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-                running += loss.detach()  # stays on the device: no host sync per step
-                running_n += 1
-                result.samples_seen += len(idx)
-                result.real_tokens_seen += int(lengths[idx].sum())
-                result.padded_tokens_seen += ids.numel()
-                if not stepping:
-                    continue
-                if cfg.max_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                # and at an epoch's last step, so every epoch has a training-loss point whatever logging_steps
-                if step % cfg.logging_steps == 0 or i + 1 == len(batches):
-                    if dist.world > 1:
-                        import torch.distributed as tdist
 
-                        tdist.all_reduce(running)
-                        running /= dist.world
-                    mean_loss = (running / running_n).item()
-                    running.zero_()
-                    running_n = 0
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
-                    logger.log_metrics({"train/loss": mean_loss, "train/learning_rate": scheduler.get_last_lr()[0],
-                                        "train/epoch": step / steps_per_epoch}, step=step)
-                if stop.requested or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0):
-                    snapshot(epoch, i + 1, rng_epoch)
-                    if stop.requested:
-                        raise KeyboardInterrupt(f"stopped by a signal{saved}")
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            result.train_seconds += time.perf_counter() - t0
+def _forward_backward(setup: _Setup, state: TrainState, idx: np.ndarray, stepping: bool) -> None:
+    """One micro-batch: its loss, and gradients added to those of the micro-batches before it."""
+    cfg, lengths, device = setup.cfg, setup.train.lengths, setup.device
+    rows = setup.shapes.rows(int(lengths[idx].max()), setup.cap, cfg.batch_size, cfg.batch_tokens, setup.dist.world)
+    ids, mask, y = collate(setup.train, idx, setup.pad_id, setup.shapes.multiple, setup.cap, rows)
+    # DDP all-reduces gradients only on the micro-step that updates the weights.
+    sync = contextlib.nullcontext() if stepping or setup.dist.world == 1 else setup.trained.no_sync()
+    setup.shapes.step_begin()
+    with setup.clock.step(tuple(ids.shape), len(idx), device), sync:
+        with torch.autocast(device.type, dtype=setup.dtype, enabled=setup.dtype != torch.float32):
+            logits = setup.trained(input_ids=to_device(ids, device), attention_mask=to_device(mask, device)).logits
+        loss = F.cross_entropy(logits.float(), to_device(y, device), weight=setup.class_weight)
+        state.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+    state.running += loss.detach()  # stays on the device: no host sync per step
+    state.running_n += 1
+    state.counts.add(len(idx), int(lengths[idx].sum()), ids.numel())
 
-            val_ev = predict(model, val, cfg.eval_batch_size, pad_id, device, dtype,
-                             progress=f"validate epoch {epoch}", dist=dist, shapes=shapes)
-            val_metrics = metrics(val_ev, n_classes)
-            logger.log_metrics({f"val/{k}": v for k, v in val_metrics.items() if not math.isnan(v)}, step=epoch)
-            result.history.append({"epoch": epoch, **val_metrics})
-            score = val_metrics[cfg.selection_metric]
-            if _better(cfg.selection_metric, score, best_score):
-                best_score, best_epoch, best_val, best_metrics = score, epoch, val_ev, val_metrics
-                best_state = _trainable_state(model)
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-            if on_epoch is not None:
-                on_epoch(epoch, val_metrics)
-            snapshot(epoch + 1, 0, rng.bit_generator.state)
-            if stop.requested:
-                raise KeyboardInterrupt(f"stopped by a signal{saved}")
-            if cfg.early_stopping_patience and bad_epochs >= cfg.early_stopping_patience and epoch < cfg.epochs:
-                result.stopped_early = True
-                break
 
-    logger.flush()  # every metric is on the server now, or the run fails here: never FINISHED with gaps
-    if best_state is not None and best_epoch != epoch:
-        model.load_state_dict(best_state, strict=False)
-    result.best_epoch, result.best_val, result.best_val_metrics = best_epoch, best_val, best_metrics
-    result.peak_memory_mb = peak_memory_mb(device)
-    if dist.world > 1:
+def _optimizer_step(setup: _Setup, state: TrainState) -> None:
+    if setup.cfg.max_grad_norm > 0:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(setup.model.parameters(), setup.cfg.max_grad_norm)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+
+
+def _after_step(setup: _Setup, state: TrainState, bar, last_of_epoch: bool) -> None:
+    """The training loss every `logging_steps`, and at an epoch's last step so every epoch has a
+    training-loss point whatever `logging_steps`; a checkpoint every `checkpoint_steps`, and before
+    stopping when a signal asked for it."""
+    cfg = setup.cfg
+    if state.step % cfg.logging_steps == 0 or last_of_epoch:
+        bar.set_postfix(loss=f"{_log_loss(setup, state):.4f}")
+    if setup.stop.requested or (cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0):
+        _save(setup, state)
+        setup.stop.stop_if_requested(setup.saved)
+
+
+def _log_loss(setup: _Setup, state: TrainState) -> float:
+    """The mean training loss since the last one logged (over every process), logged; the sum restarts."""
+    if setup.dist.world > 1:
         import torch.distributed as tdist
 
-        # Throughput of the whole job: samples and tokens of every process over the slowest one's time.
-        totals = torch.tensor([result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen],
-                              dtype=torch.float64, device=device)
-        tdist.all_reduce(totals)
-        seconds = torch.tensor([result.train_seconds], dtype=torch.float64, device=device)
-        tdist.all_reduce(seconds, op=tdist.ReduceOp.MAX)
-        result.samples_seen, result.real_tokens_seen, result.padded_tokens_seen = (int(v) for v in totals.tolist())
-        result.train_seconds = float(seconds.item())
-    return result
+        tdist.all_reduce(state.running)
+        state.running /= setup.dist.world
+    mean_loss = (state.running / state.running_n).item()
+    state.running.zero_()
+    state.running_n = 0
+    setup.logger.log_metrics({"train/loss": mean_loss, "train/learning_rate": state.scheduler.get_last_lr()[0],
+                              "train/epoch": state.step / setup.steps_per_epoch}, step=state.step)
+    return mean_loss
+
+
+def _save(setup: _Setup, state: TrainState) -> None:
+    """Everything the next step depends on, to the checkpoint (by the main process, if there is one)."""
+    if setup.checkpointer is None or not setup.dist.main:
+        return
+    # Metrics up to here must be on the server before the checkpoint says they are done: a resume
+    # re-logs only the steps the server lacks, so nothing is lost or doubled. flush() raises if any was refused.
+    setup.logger.flush()
+    setup.checkpointer.save(state)
+
+
+def _end_epoch(setup: _Setup, state: TrainState, on_epoch: Callable[[int, dict[str, float]], None] | None) -> bool:
+    """Validate, keep the best epoch so far, checkpoint the start of the next epoch; True when early
+    stopping ends training here."""
+    cfg, epoch = setup.cfg, state.epoch
+    val_ev = predict(setup.model, setup.val, cfg.eval_batch_size, setup.pad_id, setup.device, setup.dtype,
+                     progress=f"validate epoch {epoch}", dist=setup.dist, shapes=setup.shapes)
+    val_metrics = metrics(val_ev, setup.n_classes)
+    setup.logger.log_metrics({f"val/{k}": v for k, v in val_metrics.items() if not math.isnan(v)}, step=epoch)
+    state.history.append({"epoch": epoch, **val_metrics})
+    _select(state, cfg.selection_metric, val_ev, val_metrics, setup.model)
+    if on_epoch is not None:
+        on_epoch(epoch, val_metrics)
+    state.epoch, state.batch_index = epoch + 1, 0
+    state.rng_epoch.next_epoch()
+    _save(setup, state)
+    setup.stop.stop_if_requested(setup.saved)
+    patience = cfg.early_stopping_patience
+    return bool(patience) and state.bad_epochs >= patience and epoch < cfg.epochs
+
+
+def _select(state: TrainState, metric: str, ev: Evaluation, val_metrics: dict[str, float], model) -> None:
+    """Keep the epoch if it is the best on validation so far; else count it towards early stopping."""
+    score = val_metrics[metric]
+    if _better(metric, score, state.best_score):
+        state.best_score, state.best_epoch, state.best_val, state.best_metrics = score, state.epoch, ev, val_metrics
+        state.best_state = _trainable_state(model)
+        state.bad_epochs = 0
+    else:
+        state.bad_epochs += 1
+
+
+def _result(setup: _Setup, state: TrainState, stopped_early: bool) -> FitResult:
+    """The best epoch's weights back in the model, and the figures of the whole job."""
+    setup.logger.flush()  # every metric is on the server now, or the run fails here: never FINISHED with gaps
+    if state.best_state is not None and state.best_epoch != state.epoch - 1:  # the last epoch run was not the best
+        setup.model.load_state_dict(state.best_state, strict=False)
+    peak = peak_memory_mb(setup.device)
+    counts = _job_counts(state.counts, setup.dist, setup.device)
+    return FitResult(best_epoch=state.best_epoch, best_val=state.best_val, best_val_metrics=state.best_metrics,
+                     history=state.history, train_seconds=counts.seconds, samples_seen=counts.samples,
+                     real_tokens_seen=counts.real_tokens, padded_tokens_seen=counts.padded_tokens,
+                     peak_memory_mb=peak, stopped_early=stopped_early, warmup_seconds=setup.clock.seconds,
+                     warmup_samples=setup.clock.samples)
+
+
+def _job_counts(counts: Counts, dist: Dist, device: torch.device) -> Counts:
+    """Throughput of the whole job: samples and tokens of every process over the slowest one's time."""
+    if dist.world == 1:
+        return counts
+    import torch.distributed as tdist
+
+    totals = torch.tensor([counts.samples, counts.real_tokens, counts.padded_tokens], dtype=torch.float64,
+                          device=device)
+    tdist.all_reduce(totals)
+    seconds = torch.tensor([counts.seconds], dtype=torch.float64, device=device)
+    tdist.all_reduce(seconds, op=tdist.ReduceOp.MAX)
+    return Counts(*(int(v) for v in totals.tolist()), float(seconds.item()))
 
 
 def throughput(result: FitResult) -> dict[str, float]:

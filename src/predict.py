@@ -42,33 +42,11 @@ def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, tex
         _check_output(output_path, input_path)
     frame = None
     if input_path is not None:
-        from .data import read_file
-
-        try:
-            frame = read_file(str(input_path))
-        except ConfigError as exc:
-            fail(exc)
-        if text_column not in frame.columns:
-            columns = ", ".join(map(str, frame.columns))
-            fail(ConfigError(f"{input_path} has no column {text_column!r} (columns: {columns}); set --text-column"))
+        frame = _read_input(input_path, text_column, label_column)
         texts = tuple(frame[text_column].astype(str))
-        if not texts:
-            fail(ConfigError(f"{input_path} has no rows"))
-        if label_column and label_column not in frame.columns:
-            fail(ConfigError(f"{input_path} has no column {label_column!r}; set --label-column"))
     elif label_column:
         fail(ConfigError("--label-column needs --input FILE"))
-
-    from .serving import load
-
-    try:
-        classifier = load(model_uri)  # weights and JSON files only: nothing from the store is unpickled
-    except ConfigError as exc:
-        fail(exc)
-        return
-    except Exception as exc:  # noqa: BLE001 - any other lookup failure becomes one line
-        fail(ConfigError(f"cannot load model {model_uri!r}: {str(exc).splitlines()[0]}"))
-        return
+    classifier = _load(model_uri)
     truth = None
     if label_column:
         truth = frame[label_column].astype(str).tolist()
@@ -81,6 +59,42 @@ def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, tex
     if truth is not None:
         accuracy = sum(p == t for p, t in zip(out["label"], truth, strict=True)) / len(truth)
         click.echo(f"accuracy against {label_column!r}: {accuracy:.4f} ({len(truth)} texts)", err=True)
+    _show_or_write(out, frame, texts, output_path)
+
+
+def _read_input(input_path: Path, text_column: str, label_column: str):
+    """The --input rows, with the columns asked for: checked before any model loads."""
+    from .config import ConfigError
+    from .data import read_file
+
+    try:
+        frame = read_file(str(input_path))
+    except ConfigError as exc:
+        fail(exc)
+    if text_column not in frame.columns:
+        columns = ", ".join(map(str, frame.columns))
+        fail(ConfigError(f"{input_path} has no column {text_column!r} (columns: {columns}); set --text-column"))
+    if frame.empty:
+        fail(ConfigError(f"{input_path} has no rows"))
+    if label_column and label_column not in frame.columns:
+        fail(ConfigError(f"{input_path} has no column {label_column!r}; set --label-column"))
+    return frame
+
+
+def _load(model_uri: str):
+    from .config import ConfigError
+    from .serving import load
+
+    try:
+        return load(model_uri)  # weights and JSON files only: nothing from the store is unpickled
+    except ConfigError as exc:
+        fail(exc)
+    except Exception as exc:  # noqa: BLE001 - any other lookup failure becomes one line
+        fail(ConfigError(f"cannot load model {model_uri!r}: {str(exc).splitlines()[0]}"))
+
+
+def _show_or_write(out, frame, texts: tuple[str, ...], output_path: Path | None) -> None:
+    """Printed as a table (texts shortened), or the input rows plus predictions written to --output."""
     if output_path is None:
         shown = out.copy()
         shown.insert(0, "text", [t if len(t) <= 60 else t[:57] + "..." for t in texts])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import tempfile
 import traceback
 import warnings
@@ -25,8 +24,10 @@ from typing import Any
 
 import mlflow
 
+from . import signals
 from .config import ConfigError, RunConfig
 from .names import STRATEGY
+from .signals import raise_if_interrupted
 
 
 def check_reachable(timeout: float = 5.0) -> None:
@@ -215,22 +216,6 @@ def check_resumable(run_id: str) -> None:
         raise ConfigError(f"run {run_id} already FINISHED; nothing to resume")
 
 
-_SIGNALS: list[int] = []  # SIGTERMs received and not yet handled by a run's close
-
-
-def _raise_interrupt(signum, frame):  # noqa: ARG001
-    _SIGNALS.append(signum)
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def raise_if_interrupted() -> None:
-    """Python prints and drops an exception raised while it runs a weakref callback or __del__, and a
-    signal handler may run just then (seen after a blocking call): the signal is remembered, so the
-    next check, at the latest the run's close, raises it again."""
-    if _SIGNALS:
-        raise KeyboardInterrupt(f"signal {_SIGNALS[-1]}")
-
-
 @contextlib.contextmanager
 def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None, name: str = "",
         killed_on: tuple[type[BaseException], ...] = (), resume_run_id: str = "") -> Iterator[mlflow.ActiveRun]:
@@ -240,7 +225,7 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
     prune), FAILED with the traceback as an artifact on any other error: never left RUNNING.
     """
     inside_project = bool(os.environ.get("MLFLOW_RUN_ID")) and not nested
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signals.catch_sigterm()
     outer = mlflow.active_run()
     active = None
     try:
@@ -264,7 +249,7 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
         yield active
         raise_if_interrupted()  # never FINISHED after a SIGTERM whose exception Python dropped
     except (KeyboardInterrupt, *killed_on):
-        _SIGNALS.clear()
+        signals.forget_interrupts()
         _close(_opened(active, outer), "KILLED")
         raise
     except BaseException:
@@ -279,7 +264,7 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
     else:
         _close(active, "FINISHED")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signals.restore_sigterm(previous)
 
 
 def _name_taken(active: mlflow.ActiveRun, name: str) -> bool:

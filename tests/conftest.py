@@ -176,6 +176,45 @@ def artifact_paths(client, run_id, path=""):
     return out
 
 
+def wait_for_metric(client, experiment, key, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and key in runs[0].data.metrics:
+            return runs[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no {key} in {experiment} after {timeout}s")
+
+
+BATCH_SIZE = 16
+
+
+def train_cmd(model_dir, data_files, experiment, checkpoints, *extra):
+    return [sys.executable, "-m", "src.train", "--model", str(model_dir), "--train-data", str(data_files[0]),
+            "--test-data", str(data_files[1]), "--experiment-name", experiment, "--checkpoint-dir", str(checkpoints),
+            "--learning-rate", "5e-3", "--batch-size", str(BATCH_SIZE), "--logging-steps", "1", *extra]
+
+
+def steps_per_epoch(data_files) -> int:
+    """Optimizer steps per epoch of a `train_cmd` run: its train rows (the file less the validation
+    split) in length-grouped batches of BATCH_SIZE, one step per batch."""
+    import numpy as np
+
+    from src.config import RunConfig
+    from src.data import length_grouped_batches, load_splits
+
+    cfg = RunConfig.from_flat({"train_data": str(data_files[0]), "test_data": str(data_files[1]),
+                               "batch_size": BATCH_SIZE})
+    assert cfg.train.gradient_accumulation_steps == 1
+    n_train = len(load_splits(cfg.data).train)
+    return len(length_grouped_batches(np.ones(n_train, dtype=np.int64), BATCH_SIZE, np.random.default_rng(0)))
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A PostgreSQL server of this session (tests/postgres.py); its URL without a database name."""

@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -11,24 +10,17 @@ import mlflow
 import pytest
 
 from src.config import RunConfig
-from tests.conftest import ROOT, free_port, only_run, start_mlflow_server, stop_mlflow_server
-
-
-def wait_for_metric(client, experiment, key, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        exp = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([exp.experiment_id]) if exp else []
-        if runs and key in runs[0].data.metrics:
-            return runs[0]
-        time.sleep(0.5)
-    raise AssertionError(f"no {key} in {experiment} after {timeout}s")
-
-
-def train_cmd(model_dir, data_files, experiment, checkpoints, *extra):
-    return [sys.executable, "-m", "src.train", "--model", str(model_dir), "--train-data", str(data_files[0]),
-            "--test-data", str(data_files[1]), "--experiment-name", experiment, "--checkpoint-dir", str(checkpoints),
-            "--learning-rate", "5e-3", "--batch-size", "16", "--logging-steps", "1", *extra]
+from tests.conftest import (
+    ROOT,
+    free_port,
+    history,
+    only_run,
+    start_mlflow_server,
+    steps_per_epoch,
+    stop_mlflow_server,
+    train_cmd,
+    wait_for_metric,
+)
 
 
 @pytest.mark.parametrize("sig, experiment", [(signal.SIGTERM, "sigterm"), (signal.SIGINT, "sigint")])
@@ -45,10 +37,6 @@ def test_signal_mid_training_ends_run_killed_with_a_checkpoint(tracking, distilb
     assert proc.returncode != 0
     assert tracking.get_run(run.info.run_id).info.status == "KILLED", err[-2000:]
     assert (tmp_path / run.info.run_id / "last.pt").is_file()
-
-
-def history(client, run_id, key):
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 @pytest.mark.parametrize("batching", [[], ["--bucket-width", "16", "--batch-tokens", "384"]],
@@ -110,7 +98,8 @@ def test_tracking_server_restart_mid_run_loses_nothing(distilbert_dir, data_file
     uri = f"http://127.0.0.1:{port}"
     server = start_mlflow_server(folder, port)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    proc = subprocess.Popen(train_cmd(distilbert_dir, data_files, "outage", tmp_path / "ckpt", "--epochs", "6"),
+    epochs = 6
+    proc = subprocess.Popen(train_cmd(distilbert_dir, data_files, "outage", tmp_path / "ckpt", "--epochs", str(epochs)),
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     client = mlflow.MlflowClient(uri)
     try:
@@ -126,8 +115,10 @@ def test_tracking_server_restart_mid_run_loses_nothing(distilbert_dir, data_file
         done = client.get_run(run.info.run_id)
         assert done.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-        assert sorted(steps) == list(range(1, 6 * 23 + 1))  # every step once: no gap, no duplicate
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [1, 2, 3, 4, 5, 6]
+        # every step once: no gap, no duplicate
+        assert sorted(steps) == list(range(1, epochs * steps_per_epoch(data_files) + 1))
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == list(
+            range(1, epochs + 1))
     finally:
         proc.kill()
         stop_mlflow_server(server)

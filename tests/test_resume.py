@@ -19,10 +19,17 @@ import torch
 
 from src.checkpoint import Checkpointer
 from src.config import ConfigError
-from tests.conftest import ROOT, free_port, only_run, start_mlflow_server, stop_mlflow_server
-from tests.test_lifecycle import history, train_cmd, wait_for_metric
-
-STEPS_PER_EPOCH = 23  # 360 training rows (400 less a 10% validation split) in batches of 16
+from tests.conftest import (
+    ROOT,
+    free_port,
+    history,
+    only_run,
+    start_mlflow_server,
+    steps_per_epoch,
+    stop_mlflow_server,
+    train_cmd,
+    wait_for_metric,
+)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -96,7 +103,7 @@ def test_two_concurrent_resumes_of_one_run_one_is_refused(tracking, distilbert_d
     assert "Traceback" not in refused and "train epoch" not in refused  # refused before any training
     assert tracking.get_run(run_id).info.status == "FINISHED"
     steps = [m.step for m in tracking.get_metric_history(run_id, "train/loss")]
-    assert sorted(steps) == list(range(1, epochs * STEPS_PER_EPOCH + 1))  # none twice, none lost
+    assert sorted(steps) == list(range(1, epochs * steps_per_epoch(data_files) + 1))  # none twice, none lost
     assert sorted(m.step for m in tracking.get_metric_history(run_id, "val/accuracy")) == list(range(1, epochs + 1))
     assert not (tmp_path / run_id).exists()
 
@@ -225,7 +232,7 @@ def test_metrics_refused_past_the_retry_budget_fail_the_run_and_a_resume_logs_th
         assert again.returncode == 0, again.stderr[-3000:]
         assert client.get_run(run_id).info.status == "FINISHED"
         steps = [s for s, _ in history(client, run_id, "train/loss")]
-        assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # every step once
+        assert steps == list(range(1, 2 * steps_per_epoch(data_files) + 1))  # every step once
         assert [s for s, _ in history(client, run_id, "val/accuracy")] == [1, 2]
     finally:
         proxy.close()

@@ -92,6 +92,11 @@ def test_dependencies_point_down():
     assert upward == []
 
 
+def test_no_long_function():
+    long = [f"{where}: {n} lines" for n, where in function_lengths() if n > MAX_FUNCTION_LINES]
+    assert long == [], f"split functions over {MAX_FUNCTION_LINES} lines"
+
+
 def layer(module: str) -> str:
     return list(LAYERS)[RANK[module]]
 
