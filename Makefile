@@ -2,6 +2,7 @@
 # make compare      : results table and charts of tracked runs (ARGS="--experiment-name ...")
 # make test         : the whole offline test suite (what CI runs)
 # make test-fast    : the quick subset for iterating (pytest -m "not slow")
+# make docs         : regenerate docs/options.md from src/config.py
 # make install-services : Debian's postgresql (the team tests' database), when missing; as root
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +15,7 @@ MLFLOW_EXPERIMENT_NAME ?= imdb-sentiment
 # `mlflow run --env-manager local` starts `python -m src.train` from PATH: make it the venv's.
 RUN    := PATH="$(BIN):$$PATH" MLFLOW_DISABLE_TELEMETRY=true
 
-.PHONY: install install-services lora full compare test test-fast lint clean
+.PHONY: install install-services demo lora full compare test test-fast docs lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +49,9 @@ test: install
 
 test-fast: install
 	$(RUN) $(BIN)/python -m pytest -q -m "not slow" tests
+
+docs: install
+	$(BIN)/python -m src.options
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

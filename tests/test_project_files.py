@@ -112,6 +112,17 @@ def test_cli_options_equal_config_fields():
         assert option_name(name) in compare_opts[name].opts and compare_opts[name].default == f.default
 
 
+def test_options_reference_is_generated_from_config():
+    from src.options import PATH, render
+
+    text = render()
+    for name in [*SETTINGS, *TUNE, *COMPARE]:
+        assert f"| `{name}` |" in text, name
+    assert all(f"{lr:g}" in SETTINGS["learning_rate"].metadata["help"] for lr in DEFAULT_LEARNING_RATE.values())
+    assert PATH.exists() and PATH.read_text() == text, (
+        "docs/options.md is stale: regenerate it with `make docs` (or `python -m src.options`)")
+
+
 def test_readme_documents_every_setting_and_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     first_screen = "\n".join(readme.splitlines()[:15])
@@ -131,6 +142,10 @@ def test_help_is_instant_and_light():
         assert out.stdout.startswith(f"Usage: python -m {module}"), out.stdout[:300] + out.stderr[-1000:]
         assert "--n-trials" in out.stdout or module != "src.tune"
         assert out.stdout.strip().endswith("[]"), out.stdout[-500:]
+    code = ("import sys, src.options\n"
+            "print(sorted(m for m in ('torch','transformers','mlflow','peft','optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout[-500:] + out.stderr[-1000:]  # `make docs` needs no torch
 
 
 def test_requirements_pin_the_tested_stack():
