@@ -137,7 +137,8 @@ class TrainConfig:
     epochs: int = _opt(3, "Passes over the train split.")
     batch_size: int = _opt(32, "Training examples per optimizer micro-step.")
     eval_batch_size: int = _opt(128, "Examples per evaluation batch (sorted by length, no gradients).")
-    learning_rate: float | None = _opt(None, "Peak learning rate; unset = strategy default (full 5e-5, lora 5e-4).",
+    learning_rate: float | None = _opt(None, "Peak learning rate; unset = the strategy's default ("
+                                       + ", ".join(f"{s} {lr:g}" for s, lr in DEFAULT_LEARNING_RATE.items()) + ").",
                                        type=float)
     weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
     warmup_ratio: float = _opt(0.06, "Fraction of optimizer steps spent warming the learning rate up.")

@@ -322,9 +322,6 @@ def _start_parent(search: Search, parent) -> None:
     if closed:
         click.echo(f"marked {closed} MLflow run(s) of a killed worker as KILLED", err=True)
     existing = client.get_run(parent.info.run_id).data.params
-    if mask(existing.get("storage", "")) != existing.get("storage", ""):  # `mlflow run -P storage=...`
-        click.echo("warning: MLflow logged the storage URL with its password as parameter `storage` of this "
-                   "run; change that password, and pass the URL in OPTUNA_STORAGE next time", err=True)
     settings = {f.name: getattr(search.tc, f.name) for f in TUNE_FIELDS}
     settings.update(storage=mask(search.tc.storage), search_space=json.dumps(search.space),
                     selection_metric=search.metric, direction=search.direction, cost_objective=search.cost)
@@ -579,6 +576,19 @@ def _trained_model(cfg: RunConfig, strategy: str, run_id: str, labels: list[str]
     return build_model(download(run_id, WEIGHTS, tmp), "full", labels, cfg.lora)
 
 
+def refuse_project_storage() -> None:
+    """`mlflow run -P storage=...` logged and printed the URL before this process started: refused,
+    whether or not it holds a password (MLflow logs it shell-quoted, so a password is not reliably seen)."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    import mlflow
+
+    if "storage" in mlflow.MlflowClient().get_run(run_id).data.params:
+        raise ConfigError("-P storage is refused: MLflow has logged and printed it as parameter `storage` of this "
+                          "run; pass the storage in OPTUNA_STORAGE, and change its password if it held one")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @config_options(exclude=SEARCHED, defaults=TUNE_DEFAULTS)
 @config_options(fields=TUNE_FIELDS)
@@ -594,6 +604,7 @@ def tune(**values: Any) -> None:
     cfg = build_config({**values, "strategy": "lora"})
     try:
         tc = TuneConfig(**tune_values)
+        refuse_project_storage()
         quiet_libraries()
         result = run_study(cfg, tc)
     except ConfigError as exc:

@@ -172,6 +172,7 @@ def test_notebook_executes_against_the_tracked_runs(tracking, three_runs, tmp_pa
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
     monkeypatch.setenv("EXPERIMENTS", EXPERIMENT)
     monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "nb"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the notebook imports src.compare; the kernel runs in tmp_path
     NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3  # the three charts, drawn inline

@@ -1,65 +1,97 @@
-"""MLproject, CLI, README and config stay in step: one name per setting everywhere."""
+"""MLproject, CLI, generated docs and config stay in step: one name per setting, stated once."""
 
 import dataclasses
-import re
+import shlex
 import subprocess
 import sys
 
+import pytest
 import yaml
 
-from src.cli import option_name
+from src.cli import normalize_argv, option_name
 from src.compare import compare
-from src.config import DEFAULT_LEARNING_RATE, CompareConfig, LoraConfig, TuneConfig, all_fields
+from src.config import DEFAULT_LEARNING_RATE, CompareConfig, TuneConfig, all_fields
 from src.train import train
 from src.tune import NOT_IN_PROJECT, SEARCHED, TUNE_DEFAULTS, tune
 from tests.conftest import ROOT
 
-LORA = {f.name for f in dataclasses.fields(LoraConfig)}
 SETTINGS = {f.name: f for f in all_fields()}
 TUNE = {f.name: f for f in dataclasses.fields(TuneConfig)}
 COMPARE = {f.name: f for f in dataclasses.fields(CompareConfig)}
+# entry point -> (module, its click command, the strategy it fixes)
+ENTRY_POINTS = {"main": ("src.train", train, "lora"), "lora": ("src.train", train, "lora"),
+                "full": ("src.train", train, "full"), "tune": ("src.tune", tune, None),
+                "compare": ("src.compare", compare, None)}
 
 
 def entry_points():
     return yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
 
 
-def test_mlproject_parameters_equal_config_fields():
+def test_mlproject_restates_no_setting():
+    """Settings, defaults and checks live in config.py; MLflow passes every -P on as `--name value`."""
     eps = entry_points()
-    assert set(eps) == {"full", "lora", "main", "tune", "compare"}
-    assert set(eps["full"]["parameters"]) == set(SETTINGS) - LORA - {"strategy"}
-    assert set(eps["lora"]["parameters"]) == set(SETTINGS) - {"strategy"}
-    assert eps["main"] == eps["lora"]
-    # a storage URL may hold a password, and `mlflow run` logs every parameter: it comes from OPTUNA_STORAGE
-    assert set(eps["tune"]["parameters"]) == (set(SETTINGS) - set(SEARCHED)) | (set(TUNE) - set(NOT_IN_PROJECT))
-    assert "storage" in NOT_IN_PROJECT
-    assert set(eps["compare"]["parameters"]) == set(COMPARE)
+    assert set(eps) == set(ENTRY_POINTS)
+    for ep, spec in eps.items():
+        assert not spec.get("parameters"), f"{ep} declares parameters: pass them through instead"
+        assert "{" not in spec["command"], ep
+        flags = [a.lstrip("-").replace("-", "_") for a in shlex.split(spec["command"]) if a.startswith("--")]
+        assert set(flags) <= {"strategy"}, (ep, flags)
 
 
-def test_mlproject_defaults_equal_config_defaults():
-    for ep, strategy in (("full", "full"), ("lora", "lora"), ("tune", "lora"), ("compare", "")):
-        params = entry_points()[ep]["parameters"]
-        for name, spec in params.items():
-            field = COMPARE[name] if ep == "compare" else SETTINGS.get(name) or TUNE[name]
-            expected = field.default
-            if name == "learning_rate":
-                expected = DEFAULT_LEARNING_RATE[strategy]
-            if ep == "tune":
-                expected = TUNE_DEFAULTS.get(name, expected)
-            if isinstance(expected, bool):
-                assert str(spec["default"]).lower() == str(expected).lower(), (ep, name)
-                continue
-            assert type(expected)(spec["default"]) == expected, (ep, name)
-            assert spec["type"] == ("string" if isinstance(expected, str) else "float"), (ep, name)
+@pytest.mark.parametrize("ep", ENTRY_POINTS)
+def test_entry_point_passes_every_setting_to_its_command(ep):
+    """The command MLflow builds (its own code) parses as the right click command and strategy, with
+    user values intact: spaces, quotes, shell characters, booleans."""
+    from mlflow.projects import _project_spec
+
+    module, command, strategy = ENTRY_POINTS[ep]
+    given = {"compare": {"experiment_name": "a b,'c'", "overwrite": "true"},
+             "tune": {"n_trials": "3", "evaluate_test": "false", "run_name": "it's \"x\"; echo no"}}.get(
+        ep, {"lora_r": "4", "temperature_scaling": "true", "run_name": "it's \"x\"; echo no"})
+    line = _project_spec.load_project(ROOT).get_entry_point(ep).compute_command(given, None)
+    argv = shlex.split(line)
+    assert argv[:3] == ["python", "-m", module], line
+    params = command.make_context(module, normalize_argv(argv[3:])).params
+    if strategy:
+        assert params["strategy"] == strategy
+        assert params["learning_rate"] is None  # the strategy's default, from config.py alone
+        assert params["lora_r"] == 4 and params["temperature_scaling"] is True
+    for name, value in given.items():
+        assert str(params[name]).lower() == value.lower(), name
 
 
-def test_mlproject_commands_pass_every_parameter_to_the_cli():
-    for ep, spec in entry_points().items():
-        flags = re.findall(r"--(\w+) \{(\w+)\}", spec["command"])
-        assert all(a == b for a, b in flags)
-        assert {a for a, _ in flags} == set(spec["parameters"]), ep
-        if ep not in ("tune", "compare"):
-            assert f"--strategy {'lora' if ep == 'main' else ep}" in spec["command"]
+@pytest.mark.slow
+def test_project_run_logs_the_resolved_settings(tracking, distilbert_dir, data_files, tmp_path):
+    """MLflow logs only the -P values given; the command logs the rest as it resolved them: the
+    strategy's learning rate from config.py, the dataset as the file used (no default `imdb`)."""
+    from tests.test_end_to_end import mlflow_run
+
+    params = {"model": distilbert_dir, "train_data": data_files[0], "test_data": data_files[1], "epochs": 1,
+              "max_train_samples": 32, "max_test_samples": 16, "checkpoint_dir": ""}
+    proc = mlflow_run("full", params, "pass-through", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [run] = tracking.search_runs([tracking.get_experiment_by_name("pass-through").experiment_id])
+    logged = run.data.params
+    assert run.info.status == "FINISHED" and logged["strategy"] == "full" and "lora_r" not in logged
+    assert float(logged["learning_rate"]) == DEFAULT_LEARNING_RATE["full"]
+    assert logged["dataset"] == "train.parquet" and logged["train_size"] == "32"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep, given, reason", [
+    ("lora", {"lora_rr": 4}, "No such option '--lora-rr'"),
+    *[("tune", {name: "sqlite:///never.db"}, f"-P {name} is refused") for name in NOT_IN_PROJECT],
+])
+def test_refused_project_parameter_fails_the_run_with_one_line(ep, given, reason, tracking, tmp_path):
+    from tests.test_end_to_end import mlflow_run
+
+    proc = mlflow_run(ep, given, f"refused-{ep}", cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1 and reason in errors[0], proc.stderr[-2000:]
+    [run] = tracking.search_runs([tracking.get_experiment_by_name(f"refused-{ep}").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["mlflow.note.content"] == errors[0]
+    assert not list(tmp_path.iterdir())  # no storage, no checkpoint folder, no store
 
 
 def test_cli_options_equal_config_fields():
@@ -80,13 +112,39 @@ def test_cli_options_equal_config_fields():
         assert option_name(name) in compare_opts[name].opts and compare_opts[name].default == f.default
 
 
-def test_readme_documents_every_setting_and_the_two_commands():
-    readme = (ROOT / "README.md").read_text()
-    first_screen = "\n".join(readme.splitlines()[:15])
-    assert "make lora" in first_screen and "make test" in first_screen
+def test_options_reference_is_generated_from_config():
+    from src.options import PATH, render
+
+    text = render()
     for name in [*SETTINGS, *TUNE, *COMPARE]:
-        assert f"| `{name}` |" in readme, name
+        assert f"| `{name}` |" in text, name
+    assert all(f"{lr:g}" in SETTINGS["learning_rate"].metadata["help"] for lr in DEFAULT_LEARNING_RATE.values())
+    assert PATH.exists() and PATH.read_text() == text, (
+        "docs/options.md is stale: regenerate it with `make docs` (or `python -m src.options`)")
+
+
+def test_readme_first_screen_runs_the_main_job_and_the_tests():
+    readme = (ROOT / "README.md").read_text()
+    first_screen = readme.splitlines()[:25]
+    for command in ("make demo", "make lora", "make test"):
+        assert any(line.startswith(command + " ") for line in first_screen), command
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+    assert len(readme.splitlines()) < 170  # a two-minute read; details live in docs/
+
+
+def test_settings_are_documented_once_in_the_generated_reference():
+    """README and docs/*.md point to docs/options.md instead of restating a setting's row; every
+    document they link to exists."""
+    import re
+
+    pages = {p: p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"),
+                                        ROOT / "benchmarks" / "README.md"] if p.name != "options.md"}
+    for path, text in pages.items():
+        rows = [name for name in {*SETTINGS, *TUNE, *COMPARE} if f"| `{name}` |" in text]
+        assert not rows, (path, rows)
+        for link in re.findall(r"\]\(([^)#]+\.md)", text):
+            assert (path.parent / link).exists(), (path, link)
+    assert "docs/options.md" in pages[ROOT / "README.md"]
 
 
 def test_help_is_instant_and_light():
@@ -99,6 +157,10 @@ def test_help_is_instant_and_light():
         assert out.stdout.startswith(f"Usage: python -m {module}"), out.stdout[:300] + out.stderr[-1000:]
         assert "--n-trials" in out.stdout or module != "src.tune"
         assert out.stdout.strip().endswith("[]"), out.stdout[-500:]
+    code = ("import sys, src.options\n"
+            "print(sorted(m for m in ('torch','transformers','mlflow','peft','optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout[-500:] + out.stderr[-1000:]  # `make docs` needs no torch
 
 
 def test_requirements_pin_the_tested_stack():

@@ -17,7 +17,7 @@ LAYERS = {
     "stages": {"data", "modeling", "loop", "evaluate", "checkpoint", "serving", "served_model", "tracking",
                "registry"},
     "orchestration": {"finetune", "tune", "compare"},
-    "entry points": {"train", "predict", "serve"},
+    "entry points": {"train", "predict", "serve", "options"},
 }
 RANK = {module: rank for rank, names in enumerate(LAYERS.values()) for module in names}
 
