@@ -106,10 +106,14 @@ def build_config(values: dict[str, Any]) -> RunConfig:
 
 
 def quiet_libraries() -> None:
-    """The expected 'newly initialized classifier' notice and similar chatter hide real output."""
+    """The expected 'newly initialized classifier' notice, the system-metrics monitor's start and
+    stop lines and similar chatter hide real output."""
+    import logging
+
     import transformers
 
     transformers.logging.set_verbosity_error()
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 def main(command: click.Command, prog_name: str) -> None:

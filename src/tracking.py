@@ -67,6 +67,10 @@ def _short_reason(message: str) -> str:
     """The cause in MLflow's long request error: 'Connection refused', a TLS failure, a timeout."""
     import re
 
+    tls = next((m for m in ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "SSLError") if m in message), "")
+    if tls:  # named before the retries it caused, most precise first: the certificate is what to fix
+        return (f"TLS {tls}; a private CA's certificate goes in MLFLOW_TRACKING_SERVER_CERT_PATH, "
+                f"or MLFLOW_TRACKING_INSECURE_TLS=true to skip the check")
     found = re.search(r"\[Errno -?\d+\] ([^\"')]+)", message) or re.search(
         r"(CERTIFICATE_VERIFY_FAILED|SSLError|timed out|Max retries exceeded|HTTP \d+|status code \d+)", message)
     return found.group(1).strip() if found else message.splitlines()[0][:160]

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # `make test-fast` leaves these out (-m "not slow"): they train several models, start servers or
 # launch processes. `make test`, what CI runs, is every test.
 SLOW_MODULES = {"test_bad_input", "test_compare", "test_distributed", "test_end_to_end", "test_lifecycle",
-                "test_model_safety", "test_quality", "test_registry", "test_resume", "test_secrets", "test_team",
-                "test_tune"}
+                "test_model_safety", "test_probe", "test_quality", "test_registry", "test_resume", "test_secrets",
+                "test_team", "test_tune"}
 
 
 def pytest_collection_modifyitems(items):
