@@ -26,6 +26,18 @@ from .checkpoint import TrainState
 from .config import ConfigError, TrainConfig
 from .data import Encoded, bucketed_batches, collate, length_grouped_batches, sorted_batches
 from .evaluate import Evaluation, metrics
+from .names import (
+    EPOCH,
+    LEARNING_RATE,
+    PADDING_FRACTION,
+    PEAK_MEMORY_MB,
+    RUNTIME_S,
+    SAMPLES_PER_S,
+    TOKENS_PER_S,
+    TRAIN_LOSS,
+    WARMUP_S,
+)
+from .names import metric as metric_key
 from .signals import StopOnSignal
 
 
@@ -614,8 +626,8 @@ def _log_loss(setup: _Setup, state: TrainState) -> float:
     mean_loss = (state.running / state.running_n).item()
     state.running.zero_()
     state.running_n = 0
-    setup.logger.log_metrics({"train/loss": mean_loss, "train/learning_rate": state.scheduler.get_last_lr()[0],
-                              "train/epoch": state.step / setup.steps_per_epoch}, step=state.step)
+    setup.logger.log_metrics({TRAIN_LOSS: mean_loss, LEARNING_RATE: state.scheduler.get_last_lr()[0],
+                              EPOCH: state.step / setup.steps_per_epoch}, step=state.step)
     return mean_loss
 
 
@@ -636,7 +648,7 @@ def _end_epoch(setup: _Setup, state: TrainState, on_epoch: Callable[[int, dict[s
     val_ev = predict(setup.model, setup.val, cfg.eval_batch_size, setup.pad_id, setup.device, setup.dtype,
                      progress=f"validate epoch {epoch}", dist=setup.dist, shapes=setup.shapes)
     val_metrics = metrics(val_ev, setup.n_classes)
-    setup.logger.log_metrics({f"val/{k}": v for k, v in val_metrics.items() if not math.isnan(v)}, step=epoch)
+    setup.logger.log_metrics({metric_key("val", k): v for k, v in val_metrics.items() if not math.isnan(v)}, step=epoch)
     state.history.append({"epoch": epoch, **val_metrics})
     _select(state, cfg.selection_metric, val_ev, val_metrics, setup.model)
     if on_epoch is not None:
@@ -695,10 +707,10 @@ def throughput(result: FitResult) -> dict[str, float]:
     if result.samples_seen > result.warmup_samples:
         samples, steady = result.samples_seen - result.warmup_samples, max(seconds - result.warmup_seconds, 1e-9)
     return {
-        "train/runtime_s": result.train_seconds,
-        "train/warmup_s": result.warmup_seconds,
-        "train/samples_per_s": samples / steady,
-        "train/tokens_per_s": result.real_tokens_seen / seconds,
-        "train/padding_fraction": 1 - result.real_tokens_seen / max(result.padded_tokens_seen, 1),
-        "train/peak_memory_mb": result.peak_memory_mb,
+        RUNTIME_S: result.train_seconds,
+        WARMUP_S: result.warmup_seconds,
+        SAMPLES_PER_S: samples / steady,
+        TOKENS_PER_S: result.real_tokens_seen / seconds,
+        PADDING_FRACTION: 1 - result.real_tokens_seen / max(result.padded_tokens_seen, 1),
+        PEAK_MEMORY_MB: result.peak_memory_mb,
     }

@@ -321,7 +321,8 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
     mlflow.log_dict({"id2label": dict(enumerate(splits.labels))}, "config/label_map.json")
     if not resumed:  # a resumed run logged its inputs when it started
         for context in ("train", "validation", "test"):
-            mlflow.log_input(mlflow_dataset(cfg, splits, context), context=context)
+            with _integer_labels():
+                mlflow.log_input(mlflow_dataset(cfg, splits, context), context=context)
     return contract
 
 
@@ -340,16 +341,26 @@ def mlflow_dataset(cfg: RunConfig, splits, context: str):
 
         name, split = where.rsplit(":", 1)
         source = HuggingFaceDatasetSource(path=name, split=split)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # schema hints about int columns: labels are never missing
+    with _integer_labels():
         return mlflow.data.from_pandas(df, source=source, name=f"{dataset_name(cfg)}-{context}", targets="label")
+
+
+@contextlib.contextmanager
+def _integer_labels():
+    """MLflow's schema hint about integer columns, raised wherever a dataset's schema is inferred
+    (creating or logging it): the labels are never missing, so it does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+        yield
 
 
 def link_to_model(model_id: str, metrics: dict[str, float], cfg: RunConfig, splits, split: str) -> None:
     """The held-out metrics again, linked to the logged model and to the split's dataset: MLflow 3
     shows them on the model's page and in the run's Models tab (the run's own copy keeps its value)."""
-    dataset = mlflow_dataset(cfg, splits, "test" if split == "test" else "validation")
-    mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, model_id=model_id, dataset=dataset)
+    with _integer_labels():
+        dataset = mlflow_dataset(cfg, splits, "test" if split == "test" else "validation")
+        mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, model_id=model_id,
+                           dataset=dataset)
 
 
 def log_contract(splits, split_seed: int, tokenizer=None) -> dict[str, str]:
