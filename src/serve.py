@@ -10,6 +10,7 @@ hands that folder to MLflow's scoring server (`POST /invocations`, `GET /ping`).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +28,6 @@ from .cli import fail, main
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
 def serve(model_uri: str, host: str, port: int, workers: int) -> None:
     """Answer POST /invocations with the model's labels and probabilities."""
-    import subprocess
 
     import mlflow
 
@@ -47,10 +47,36 @@ def serve(model_uri: str, host: str, port: int, workers: int) -> None:
         click.echo(f"serving {model_uri} on http://{host}:{port} (POST /invocations)", err=True)
         command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(Path(tmp) / "model"),
                    "--env-manager", "local", "--host", host, "--port", str(port), "--workers", str(workers)]
+        sys.exit(_run_until_stopped(command))
+
+
+def _run_until_stopped(command: list[str]) -> int:
+    """Run MLflow's scoring server (it starts uvicorn and its workers) in a process group of its own;
+    Ctrl-C or SIGTERM stops the whole group, so no worker outlives this command and the temporary
+    model folder is removed after it."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(command, start_new_session=True)
+
+    def stop(*_) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        stop()
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
         try:
-            sys.exit(subprocess.call(command))
-        except KeyboardInterrupt:
-            sys.exit(130)
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 if __name__ == "__main__":

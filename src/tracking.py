@@ -321,7 +321,7 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
     mlflow.log_dict({"id2label": dict(enumerate(splits.labels))}, "config/label_map.json")
     if not resumed:  # a resumed run logged its inputs when it started
         for context in ("train", "validation", "test"):
-            with _integer_labels():
+            with _dataset_notes():
                 mlflow.log_input(mlflow_dataset(cfg, splits, context), context=context)
     return contract
 
@@ -341,23 +341,26 @@ def mlflow_dataset(cfg: RunConfig, splits, context: str):
 
         name, split = where.rsplit(":", 1)
         source = HuggingFaceDatasetSource(path=name, split=split)
-    with _integer_labels():
+    with _dataset_notes():
         return mlflow.data.from_pandas(df, source=source, name=f"{dataset_name(cfg)}-{context}", targets="label")
 
 
 @contextlib.contextmanager
-def _integer_labels():
-    """MLflow's schema hint about integer columns, raised wherever a dataset's schema is inferred
-    (creating or logging it): the labels are never missing, so it does not apply."""
+def _dataset_notes():
+    """Two notes MLflow raises wherever a dataset is made or its schema inferred, neither of which
+    applies here: the integer-column hint (labels are never missing) and a local file path being
+    "interpretable in multiple ways" (both readings are the same local file)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple",
+                                category=UserWarning)
         yield
 
 
 def link_to_model(model_id: str, metrics: dict[str, float], cfg: RunConfig, splits, split: str) -> None:
     """The held-out metrics again, linked to the logged model and to the split's dataset: MLflow 3
     shows them on the model's page and in the run's Models tab (the run's own copy keeps its value)."""
-    with _integer_labels():
+    with _dataset_notes():
         dataset = mlflow_dataset(cfg, splits, "test" if split == "test" else "validation")
         mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, model_id=model_id,
                            dataset=dataset)

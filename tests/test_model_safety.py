@@ -111,9 +111,10 @@ MALFORMED = [  # (request body, status, a phrase the one-line answer holds)
 ]
 
 
-def serve(command: list[str], port: int, log_path) -> subprocess.Popen:
+def serve(command: list[str], port: int, log_path, env=None) -> subprocess.Popen:
     log = open(log_path, "w")
-    server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env=env)
     log.close()
     deadline = time.time() + 120
     while True:
@@ -137,15 +138,25 @@ def test_served_champion_answers_malformed_requests_with_400(tracking, lookup, t
     command = ([sys.executable, "-m", "src.serve", "--model", uri, "--port", str(port)] if how == "src.serve" else
                [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local", "--host", "127.0.0.1",
                 "--port", str(port)])
-    server = serve(command, port, tmp_path / "serve.log")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    server = serve(command, port, tmp_path / "serve.log", env={**os.environ, "TMPDIR": str(scratch)})
     try:
         status, body = post(port, '{"inputs": {"text": ["great", "awful"]}}')
         assert status == 200, body
         assert [r["label"] for r in json.loads(body)["predictions"]] == ["1", "0"]
         answers = [(request, *post(port, request)) for request, _, _ in MALFORMED]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        # src.serve gets SIGTERM alone, as a service manager sends it: it must stop its own workers
+        os.kill(server.pid, signal.SIGTERM) if how == "src.serve" else os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    if how == "src.serve":
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+            listening = True  # a uvicorn worker outlived the command
+        except OSError:
+            listening = False
+        assert not listening and not [p for p in scratch.iterdir() if p.name.startswith("serve-")]
     print("\n".join(f"{status} {request} -> {body[:300]}" for request, status, body in answers))
     for (request, expected, phrase), (_, status, body) in zip(MALFORMED, answers, strict=True):
         assert status == expected, (request, body)
