@@ -27,7 +27,9 @@ LOCK = "lock"
 FORMAT = 2
 # Settings that may differ between the interrupted run and its resumption.
 MAY_CHANGE = {"resume_run_id", "checkpoint_steps", "eval_batch_size", "logging_steps", "temperature_scaling",
-              "registered_model_name", "promotion_alpha", "max_batch_size"}
+              "registered_model_name", "promotion_alpha", "max_batch_size",
+              # where it runs and what it samples, not what it learns: a run may resume on another device
+              "device", "dist_timeout", "system_metrics"}
 
 
 class CheckpointError(ConfigError):

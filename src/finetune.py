@@ -167,9 +167,13 @@ def _tracked(cfg: RunConfig, data: Prepared, dist, held: contextlib.ExitStack, o
                      len(data.splits.labels), data.tokenizer.pad_token_id, logger=logger, on_epoch=opts.on_epoch,
                      dist=dist, checkpointer=saver, resume=state)
         tracking.log_fit(result)
-        outcome = _conclude(cfg, data, model, result, contract, opts, dist)
+        outcome, trained, held_out = _conclude(cfg, data, model, result, contract, opts, dist)
         outcome.run_id, outcome.trainable_params, outcome.total_params = run_id, counts.trainable, counts.total
-        tracking.log_summary(cfg, model, outcome)
+        tracking.log_summary(cfg, model, outcome)  # before the gate: a refused model's run still says what it scored
+        if cfg.tracking.registered_model_name:
+            from .registry import publish
+
+            publish(trained, held_out, cfg)
         if saver is not None:
             saver.remove()  # finished: the model and its metrics are in MLflow now
         return outcome
@@ -189,19 +193,19 @@ def _build_logged(cfg: RunConfig, data: Prepared, dist, resumed: bool):
     dtype, precision_reason = precision_choice(cfg.train.precision, device)
     contract = tracking.log_setup(cfg, data.splits, {
         "trainable_params": counts.trainable, "total_params": counts.total,
-        "trainable_pct": round(counts.pct, 4), "device": str(device), "compute_dtype": str(dtype).split(".")[-1],
-        "precision_reason": precision_reason, "world_size": dist.world,
+        "trainable_pct": round(counts.pct, 4), "resolved_device": str(device),
+        "compute_dtype": str(dtype).split(".")[-1], "precision_reason": precision_reason, "world_size": dist.world,
         "global_batch_size": cfg.train.batch_size * dist.world,
     }, resumed=resumed, tokenizer=data.tokenizer)
     return model, counts, contract
 
 
-def _conclude(cfg: RunConfig, data: Prepared, model, result, contract: dict[str, str], opts: Options,
-              dist) -> Outcome:
-    """After training: calibrate, log validation (and test, scored once), keep the adapter or weights,
-    and publish when a registered model is named."""
+def _conclude(cfg: RunConfig, data: Prepared, model, result, contract: dict[str, str], opts: Options, dist):
+    """After training: calibrate, log validation (and test, scored once), keep the adapter or weights.
+    Returns the outcome and what publishing needs: the trained model and its held-out predictions."""
     from . import tracking
     from .names import ADAPTER, WEIGHTS, metric
+    from .registry import HeldOut, Trained
 
     temperature = calibrate(cfg, result.best_val)
     # val/accuracy etc. are per-epoch histories; val/best_* hold the selected epoch for comparisons.
@@ -212,14 +216,11 @@ def _conclude(cfg: RunConfig, data: Prepared, model, result, contract: dict[str,
     test = {} if test_ev is None else test_ev[1]
     if cfg.model.strategy == "lora" or opts.keep_weights:
         tracking.log_trained(model, data.tokenizer, ADAPTER if cfg.model.strategy == "lora" else WEIGHTS)
-    if cfg.tracking.registered_model_name:
-        from .registry import HeldOut, Trained, publish
-
-        # The promotion gate compares with the champion on held-out examples: test when scored.
-        held_out = (HeldOut("test", test_ev[0], {metric("test", k): v for k, v in test.items()}) if test_ev else
-                    HeldOut("val", result.best_val, {metric("val", k, best=True): v for k, v in val.items()}))
-        publish(Trained(model, data.tokenizer, data.splits, temperature, contract), held_out, cfg)
-    return Outcome("", val, test, 0, 0, result.best_epoch, result.train_seconds)
+    # The promotion gate compares with the champion on held-out examples: test when scored.
+    held_out = (HeldOut("test", test_ev[0], {metric("test", k): v for k, v in test.items()}) if test_ev else
+                HeldOut("val", result.best_val, {metric("val", k, best=True): v for k, v in val.items()}))
+    trained = Trained(model, data.tokenizer, data.splits, temperature, contract)
+    return Outcome("", val, test, 0, 0, result.best_epoch, result.train_seconds), trained, held_out
 
 
 def calibrate(cfg: RunConfig, val_ev) -> float:
@@ -235,8 +236,9 @@ def calibrate(cfg: RunConfig, val_ev) -> float:
     return temperature
 
 
-def score_test(cfg: RunConfig, data: Prepared, model, temperature: float, dist=None):
-    """The test split, touched once after model selection on validation: (evaluation, logged metrics)."""
+def score_test(cfg: RunConfig, data: Prepared, model, temperature: float, dist=None, headline: bool = True):
+    """The test split, touched once after model selection on validation: (evaluation, logged metrics).
+    `headline` also puts its confusion matrix and ROC curve at the run's top level."""
     from . import tracking
     from .loop import Dist, Shapes, pick_device, predict, resolve_precision
 
@@ -246,7 +248,7 @@ def score_test(cfg: RunConfig, data: Prepared, model, temperature: float, dist=N
                  shapes=Shapes(device, cfg.train.bucket_width, cfg.train.compile))
     metrics = tracking.log_evaluation("test", ev, data.splits.labels, data.splits.test["text"].tolist(),
                                       lengths=data.encoded["test"].lengths, max_length=cfg.data.max_length,
-                                      temperature=temperature, headline=True)
+                                      temperature=temperature, headline=headline)
     return ev, metrics
 
 

@@ -143,7 +143,8 @@ def pick_device(setting: str = "auto") -> torch.device:
     visible one), else the CPU. Anything else as given (checked by check_device)."""
     if setting != "auto":
         device = torch.device(setting)
-        if device.type == "cuda":
+        if device.type == "cuda":  # 'cuda' alone is the current GPU; set_device wants an index
+            device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
             torch.cuda.set_device(device)  # compiled graphs and current_device() then agree
         return device
     if torch.cuda.is_available():

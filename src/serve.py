@@ -66,11 +66,13 @@ def _run_until_stopped(command: list[str]) -> int:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return proc.wait()
+        code = proc.wait()
+        return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
     except KeyboardInterrupt:
         stop()
         return 130
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup below
         signal.signal(signal.SIGTERM, previous)
         try:
             proc.wait(timeout=30)

@@ -359,7 +359,8 @@ def _dataset_notes():
 
 def link_to_model(model_id: str, metrics: dict[str, float], cfg: RunConfig, splits, split: str) -> None:
     """The held-out metrics again, linked to the logged model and to the split's dataset: MLflow 3
-    shows them on the model's page and in the run's Models tab (the run's own copy keeps its value)."""
+    shows them on the model's page and in the run's Models tab. MLflow logs them through the run, so
+    the run's history of each holds a second point with the same value."""
     with _dataset_notes():
         dataset = mlflow_dataset(cfg, splits, "test" if split == "test" else "validation")
         mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, model_id=model_id,

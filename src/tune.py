@@ -550,9 +550,9 @@ def register_best(cfg: RunConfig, data, *, best_run_id: str, best_params: dict[s
             val_ev = predict(model, data.encoded["val"], cfg.train.eval_batch_size, data.tokenizer.pad_token_id,
                              device, resolve_precision(cfg.train.precision, device), progress="val (winner)")
         temperature = calibrate(cfg, val_ev)
-        test = score_test(cfg, data, model, temperature) if evaluate_test else None
+        test = score_test(cfg, data, model, temperature, headline=False) if evaluate_test else None
         held_out = (registry.HeldOut("test", test[0], {metric_key("test", k): v for k, v in test[1].items()})
-                    if test else registry.HeldOut("val", val_ev))
+                    if test else registry.HeldOut("val", val_ev, _val_metrics(val_ev, temperature, data.splits.labels)))
         contract = tracking.log_contract(data.splits, cfg.data.split_seed, data.tokenizer)
         tags = {STUDY: study_name, TRIAL: trial_number, TRIAL_RUN_ID: best_run_id,
                 "val_metric": metric, "val_metric_value": value, **{f"param.{k}": v for k, v in best_params.items()}}
@@ -560,6 +560,16 @@ def register_best(cfg: RunConfig, data, *, best_run_id: str, best_params: dict[s
         decision = registry.publish(trained, held_out, cfg, tags)
     return {**({"test": test[1]} if test else {}), "registered_model": cfg.tracking.registered_model_name,
             "version": decision["candidate_version"], "alias": decision["decision"], "decision": decision}
+
+
+def _val_metrics(ev, temperature: float, labels: list[str]) -> dict[str, float]:
+    """The winner's validation metrics as a training run logs them (`val/best_*`, calibrated when a
+    temperature was fitted): the held-out figures linked to its logged model when test is not scored."""
+    from .evaluate import calibrated, metrics
+    from .names import metric as metric_key
+
+    scored = calibrated(ev, temperature) if temperature != 1.0 else ev
+    return {metric_key("val", k, best=True): v for k, v in metrics(scored, len(labels)).items()}
 
 
 def _trained_model(cfg: RunConfig, strategy: str, run_id: str, labels: list[str], tmp: str):

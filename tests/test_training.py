@@ -172,3 +172,23 @@ def test_training_loss_is_logged_every_epoch_whatever_logging_steps(distilbert_d
     fit(model, train, val, cfg, 1e-3, 2, tok.pad_token_id, logger=recorder)
     epochs = [v["train/epoch"] for _, v in recorder.seen if "train/loss" in v]
     assert epochs == [1.0, 2.0]
+
+
+def test_a_resume_may_change_where_it_runs_not_what_it_learns():
+    from src.checkpoint import check_settings
+    from src.config import ConfigError, RunConfig
+
+    saved = RunConfig().flat()
+    check_settings(saved, {**saved, "device": "cuda:1", "system_metrics": False, "dist_timeout": 60}, "r1")
+    with pytest.raises(ConfigError, match=r"run r1 was started with other settings \(lora_r: 8 -> 16\)"):
+        check_settings(saved, {**saved, "lora_r": 16}, "r1")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_cuda_without_an_index_is_the_current_gpu():
+    import torch
+
+    from src.loop import pick_device
+
+    assert pick_device("cuda") == torch.device("cuda", torch.cuda.current_device())
+    assert pick_device("cuda:0") == torch.device("cuda", 0)

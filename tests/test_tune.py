@@ -92,6 +92,13 @@ def test_study_no_better_than_champion_becomes_challenger(tracking, first_study,
     assert decision["champion_accuracy"] >= decision["candidate_accuracy"]
     version = tracking.get_model_version("tuned-tiny", "2")
     assert version.tags["decision"] == "challenger" and "evidence.p_value" in version.tags
+    # test not scored: the winner's logged model carries its validation metrics, tied to the validation set
+    parent = next(r for r in runs_of(tracking, "tune-worse") if "optuna.trial" not in r.data.tags)
+    (output,) = parent.outputs.model_outputs
+    linked = {m.key: m for m in tracking.get_logged_model(output.model_id).metrics if m.dataset_name}
+    # the rebuilt winner scores validation as its trial did
+    assert linked["val/best_accuracy"].value == pytest.approx(parent.data.metrics["best/val_accuracy"])
+    assert linked["val/best_accuracy"].dataset_name == "train.parquet-validation"
 
 
 def test_pruning_prunes_a_bad_region(tracking, distilbert_dir, data_files, tmp_path):
