@@ -54,6 +54,11 @@ def normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def launched() -> bool:
+    """Started by torchrun or `accelerate launch` (they set LOCAL_RANK and WORLD_SIZE)."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def fail(exc: Exception) -> None:
     from .urls import scrub
 

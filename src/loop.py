@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import TrainState
+from .cli import launched
 from .config import ConfigError, TrainConfig
 from .data import Encoded, bucketed_batches, collate, length_grouped_batches, sorted_batches
 from .evaluate import Evaluation, metrics
@@ -84,11 +85,6 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-def launched() -> bool:
-    """Started by torchrun or `accelerate launch` (they set LOCAL_RANK and WORLD_SIZE)."""
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_distributed(timeout_s: int = 1800) -> Dist:

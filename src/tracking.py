@@ -27,7 +27,6 @@ import mlflow
 from . import signals
 from .config import ConfigError, RunConfig
 from .names import STRATEGY
-from .signals import raise_if_interrupted
 
 
 def check_reachable(timeout: float = 5.0) -> None:
@@ -72,14 +71,13 @@ def _short_reason(message: str) -> str:
         return (f"TLS {tls}; a private CA's certificate goes in MLFLOW_TRACKING_SERVER_CERT_PATH, "
                 f"or MLFLOW_TRACKING_INSECURE_TLS=true to skip the check")
     found = re.search(r"\[Errno -?\d+\] ([^\"')]+)", message) or re.search(
-        r"(CERTIFICATE_VERIFY_FAILED|SSLError|timed out|Max retries exceeded|HTTP \d+|status code \d+)", message)
+        r"(timed out|Max retries exceeded|HTTP \d+|status code \d+)", message)
     return found.group(1).strip() if found else message.splitlines()[0][:160]
 
 
 def check_experiment(name: str) -> None:
     """A deleted experiment, or a local store or artifact folder this process cannot write, fails
     now: MLflow would only refuse when the run opens or, for artifacts, after training."""
-
     store = local_path(mlflow.get_tracking_uri())
     if store is not None:
         _check_writable(store, "the MLflow store")
@@ -98,8 +96,6 @@ def check_experiment(name: str) -> None:
 def live_experiment(client, name: str):
     """The experiment of that name, None if there is none; a deleted one is refused (MLflow would
     refuse to log into it, and a search of it finds nothing)."""
-    from .config import ConfigError
-
     experiment = client.get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise ConfigError(f"experiment {name!r} is deleted; restore it with `mlflow experiments restore "
@@ -167,7 +163,7 @@ class MlflowLogger:
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         import time
 
-        raise_if_interrupted()
+        signals.raise_if_interrupted()
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -251,7 +247,7 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
                 name = f"{name}-e{cfg.train.epochs}"  # e.g. the same recipe trained longer
             mlflow.set_tags({"mlflow.runName": name, **(tags or {})})
         yield active
-        raise_if_interrupted()  # never FINISHED after a SIGTERM whose exception Python dropped
+        signals.raise_if_interrupted()  # never FINISHED after a SIGTERM whose exception Python dropped
     except (KeyboardInterrupt, *killed_on):
         signals.forget_interrupts()
         _close(_opened(active, outer), "KILLED")

@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from .cli import build_config, config_options, fail, main, quiet_libraries
+from .cli import build_config, config_options, fail, launched, main, quiet_libraries
 from .config import DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL, ConfigError, RunConfig, TuneConfig
 from .names import ADAPTER, STORAGE_ID, STRATEGY, STUDY, TRIAL, TRIAL_RUN_ID, TRIAL_STATE, WEIGHTS
 
@@ -604,8 +604,6 @@ def refuse_project_storage() -> None:
 @config_options(fields=TUNE_FIELDS)
 def tune(**values: Any) -> None:
     """Optuna search over LoRA settings with nested MLflow runs; the winner goes to the registry."""
-    from .loop import launched
-
     if launched():
         fail(ConfigError("python -m src.tune runs one process per worker, not under torchrun or accelerate launch "
                          "(each rank would sample and prune its own trials); start one worker per GPU on the same "
