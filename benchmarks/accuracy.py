@@ -21,12 +21,14 @@ test-sample noise; `--seeds` adds the training-seed noise.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SETTINGS = {
     "full": dict(strategy="full", learning_rate=5e-5),
@@ -38,10 +40,10 @@ SETTINGS = {
 
 
 def run_setting(name: str, base: dict, prepared, labels, overrides: dict | None = None) -> dict:
-    from src.config import RunConfig
-    from src.evaluate import metrics
-    from src.loop import fit, pick_device, predict, resolve_precision, seed_everything
-    from src.modeling import build_model, count_params
+    from src.base.config import RunConfig
+    from src.core.evaluate import metrics
+    from src.core.loop import fit, pick_device, predict, resolve_precision, seed_everything
+    from src.core.modeling import build_model, count_params
 
     cfg = RunConfig.from_flat({**base, **SETTINGS[name], **(overrides or {})})
     seed_everything(cfg.train.seed)
@@ -70,9 +72,9 @@ def run_seed_recipe(base: dict, splits, labels) -> dict:
     import torch
     from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
 
-    from src.evaluate import Evaluation, metrics
-    from src.loop import seed_everything
-    from src.modeling import build_model
+    from src.core.evaluate import Evaluation, metrics
+    from src.core.loop import seed_everything
+    from src.core.modeling import build_model
 
     tok = AutoTokenizer.from_pretrained(base["model"])
 
@@ -123,12 +125,61 @@ def run_seed_recipe(base: dict, splits, labels) -> dict:
             "train_samples_per_s": float("nan"), "seconds": time.perf_counter() - t0}
 
 
+def trainer_accuracy(pred) -> dict:
+    return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+
+def run_tuned_trainer(base: dict, prepared: dict, labels) -> dict:
+    """Full fine-tuning through transformers' Trainer tuned as a user would (throughput.tuned_arguments:
+    bf16 where native, length-grouped sampling, padding to a multiple of 8, fused AdamW) with the project's
+    settings (learning rate, batch, schedule, attention dropout 0), epoch picked on validation; scored by
+    the project's own `predict`, so the two training loops are all that differs."""
+    import tempfile
+
+    from throughput import trainer_items, tuned_arguments
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
+
+    from src.base.strategies import DEFAULT_LEARNING_RATE
+    from src.core.evaluate import metrics
+    from src.core.loop import pick_device, predict, resolve_precision, seed_everything
+    from src.core.modeling import build_model, count_params, load_tokenizer
+
+    device, tok, lr = pick_device(), load_tokenizer(base["model"]), DEFAULT_LEARNING_RATE["full"]
+    seed_everything(base["seed"])
+    model = build_model(base["model"], "full", labels, None, 0.0)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        args = tuned_arguments(out, lr, len(prepared["train"]), base["epochs"], base["seed"], device,
+                               eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+                               metric_for_best_model="accuracy", save_total_limit=2,
+                               per_device_eval_batch_size=base["eval_batch_size"])
+        trainer = Trainer(model=model, args=args, train_dataset=trainer_items(prepared["train"]),
+                          eval_dataset=trainer_items(prepared["val"]), processing_class=tok,
+                          data_collator=DataCollatorWithPadding(tok, pad_to_multiple_of=8),
+                          compute_metrics=trainer_accuracy)
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
+        epoch = round(best_step / (trainer.state.max_steps / base["epochs"]))
+    seconds = time.perf_counter() - t0
+    dtype = resolve_precision("auto", device)
+    val, test = (predict(model, prepared[s], base["eval_batch_size"], prepared["pad_id"], device, dtype)
+                 for s in ("val", "test"))
+    test_m = metrics(test, len(labels))
+    return {"setting": "full, tuned Trainer (same settings)", "lr": lr, "trainable": count_params(model).trainable,
+            "correct": test.probs.argmax(-1) == test.labels, "seed": base["seed"],
+            "val_acc": metrics(val, len(labels))["accuracy"], "test_acc": test_m["accuracy"], "test_f1": test_m["f1"],
+            "best_epoch": epoch, "train_samples_per_s": float("nan"), "seconds": seconds}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, required=True, help="folder with train.parquet and test.parquet")
     p.add_argument("--model", required=True, help="pretrained encoder folder (or hub name)")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"from {', '.join(SETTINGS)}")
     p.add_argument("--seed-recipe", action="store_true", help="also run full fine-tuning through Trainer")
+    p.add_argument("--tuned-trainer", action="store_true", help="also run full fine-tuning through a tuned Trainer "
+                   "with the project's settings, paired against the project's `full`")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=512)
@@ -143,7 +194,7 @@ def main() -> None:
     unknown = set(a.settings.split(",")) - set(SETTINGS)
     if unknown:
         sys.exit(f"error: unknown setting(s) {sorted(unknown)}; choose from {', '.join(SETTINGS)}")
-    from src.config import ConfigError, parse_settings
+    from src.base.config import ConfigError, parse_settings
 
     try:
         variants = [parse_settings(v) for v in a.variants.split(";") if v.strip()]
@@ -154,9 +205,9 @@ def main() -> None:
     import torch
     import transformers
 
-    from src.config import DataConfig
-    from src.data import load_splits, tokenize
-    from src.modeling import load_tokenizer
+    from src.base.config import DataConfig
+    from src.core.data import load_splits, tokenize
+    from src.core.modeling import load_tokenizer
 
     transformers.logging.set_verbosity_error()
     base = {"model": a.model, "train_data": str(a.data / "train.parquet"), "test_data": str(a.data / a.test_file),
@@ -170,13 +221,19 @@ def main() -> None:
     prepared = {name: tokenize(df, tok, a.max_length) for name, df in
                 (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     prepared["pad_id"] = tok.pad_token_id
-    hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {hardware}; {len(splits.train)} train / {len(splits.val)} "
+    from throughput import describe_hardware
+
+    from src.core.loop import cpu_bf16_facts, pick_device, precision_choice
+
+    dtype, reason = precision_choice("auto", pick_device())
+    print(f"# on {describe_hardware(pick_device())}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}; precision {str(dtype).split('.')[-1]} ({reason}); CPU flags {cpu_bf16_facts()}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}: {len(splits.train)} train / {len(splits.val)} "
           f"validation / {len(splits.test)} test; max_length {a.max_length}, batch {a.batch_size}, "
           f"{a.epochs} epochs; model {Path(a.model).name}")
-    print(f"# command: python {' '.join(sys.argv)}")
+    print(f"# command: python {shlex.join(sys.argv)}")
     print("\n| setting | seed | lr | trainable params | best epoch | val acc | test acc | test F1 | train samples/s "
-          "| seconds | test acc vs reference, paired: difference [95% CI], McNemar p |")
+          "| seconds | test acc vs reference, paired: difference [95% CI], discordant, McNemar p |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict] = []
     for seed in seeds:
@@ -185,9 +242,11 @@ def main() -> None:
             reference = show(run_setting(name, seeded, prepared, splits.labels), None, rows)
             for overrides in variants:
                 show(run_setting(name, seeded, prepared, splits.labels, overrides), reference, rows)
+        full = next((r for r in rows if r["setting"] == "full" and r["seed"] == seed), None)
         if a.seed_recipe:
-            full = next((r for r in rows if r["setting"] == "full" and r["seed"] == seed), None)
             show(run_seed_recipe(seeded, splits, splits.labels), full, rows)
+        if a.tuned_trainer:
+            show(run_tuned_trainer(seeded, prepared, splits.labels), full, rows)
     if len(seeds) > 1:
         print("\nSeed noise (test accuracy over seeds " + a.seeds + "):")
         for setting in dict.fromkeys(r["setting"] for r in rows):
@@ -198,13 +257,13 @@ def main() -> None:
 
 def show(r: dict, reference: dict | None, rows: list[dict]) -> dict:
     """Print one row; against a reference, the paired difference on the same test reviews."""
-    from src.registry import paired_evidence
+    from src.core.promotion import paired_evidence
 
     versus = ""
     if reference is not None:
         e = paired_evidence(r["correct"], reference["correct"], alpha=0.05, split="test")
         versus = (f"vs {reference['setting']}: {e.difference:+.4f} [{e.ci_low:+.4f}, {e.ci_high:+.4f}], "
-                  f"p {e.p_value:.2f}")
+                  f"{e.only_candidate_right} fixed / {e.only_champion_right} broken, p {e.p_value:.2g}")
     print(f"| {r['setting']} | {r['seed']} | {r['lr']:g} | {r['trainable']:,} | {r['best_epoch']} | {r['val_acc']:.4f} "
           f"| {r['test_acc']:.4f} | {r['test_f1']:.4f} | {r['train_samples_per_s']:,.0f} | {r['seconds']:.0f} "
           f"| {versus} |", flush=True)

@@ -11,6 +11,7 @@ attention (forward and backward kernels with what they call), dropout masks and 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ def main() -> None:
     import transformers
     from torch.profiler import profile
 
-    from src.loop import pick_device, resolve_precision
+    from src.core.loop import pick_device, resolve_precision
 
     transformers.logging.set_verbosity_error()
     device = pick_device()
@@ -59,7 +60,7 @@ def main() -> None:
     labels = torch.tensor(df["label"].tolist(), device=device)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {device.type}, {str(dtype).split('.')[-1]}, {a.strategy}, "
           f"{a.batch_size} reviews x {a.length} tokens ({int(mask.sum())} real)")
-    print(f"# command: python {' '.join(sys.argv)}\n")
+    print(f"# command: python {shlex.join(sys.argv)}\n")
     print("| attention_dropout | attention kernel | step s | attention ops (with what they call) | dropout masks "
           "| matrix multiplies (own time) |")
     print("|---|---|---|---|---|---|")

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .config import ConfigError, RunConfig, all_fields
+from .base.config import ConfigError, RunConfig, all_fields
 
 TYPES = {"str": str, "int": int, "float": float}
 
@@ -54,13 +54,8 @@ def normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def launched() -> bool:
-    """Started by torchrun or `accelerate launch` (they set LOCAL_RANK and WORLD_SIZE)."""
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def fail(exc: Exception) -> None:
-    from .urls import scrub
+    from .base.urls import scrub
 
     line = f"error: {scrub(str(exc))}"  # a library may have echoed a URL it was given
     click.echo(line, err=True)
@@ -69,8 +64,9 @@ def fail(exc: Exception) -> None:
 
 
 def mark_project_run_failed(line: str) -> None:
-    """`mlflow run` creates the run before this process starts: a refused input ends it FAILED with the
-    reason as its description and an `error` tag, so the UI says why the run is empty."""
+    """`mlflow run` creates the run (with a random name) before this process starts: a refused input
+    ends it FAILED, named `refused: <what>`, with the reason as its description and an `error` tag,
+    so the runs list says why the run is empty."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return
@@ -81,25 +77,34 @@ def mark_project_run_failed(line: str) -> None:
     with contextlib.suppress(Exception):
         client = mlflow.MlflowClient()
         client.set_tag(run_id, "mlflow.note.content", line)
-        client.set_tag(run_id, "error", line.removeprefix("error: "))
+        reason = line.removeprefix("error: ")
+        client.set_tag(run_id, "error", reason)
+        client.set_tag(run_id, "mlflow.runName", f"refused: {reason[:60]}" + ("..." if len(reason) > 60 else ""))
         client.set_terminated(run_id, "FAILED")
 
 
 def move_tracking_credentials() -> None:
-    """MLflow prints its tracking URI ("View run ... at: <uri>"): a user:password written into
+    """MLflow prints its tracking URI ("View run ... at: <uri>"): user info written into
     MLFLOW_TRACKING_URI moves to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which MLflow's
-    client sends as HTTP basic auth and never prints. Variables already set win."""
+    client sends as HTTP basic auth and never prints. Variables already set win. A token alone
+    (`https://TOKEN@host`) becomes the username with an empty password: MLflow's client sent no
+    basic auth for it in the URI either, and sends none now (it needs both). A URI still holding a
+    secret after that (a `?token=` value, user info it cannot read) is refused before MLflow starts."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
         return
-    from .urls import without_credentials
+    from .base.config import ConfigError
+    from .base.urls import holds_credentials, mask, without_credentials
 
     bare, user, password = without_credentials(uri)
-    if password is None:
+    if holds_credentials(bare):
+        fail(ConfigError(f"MLFLOW_TRACKING_URI {mask(bare)} holds a secret this project cannot move out of it; "
+                         f"put it in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"))
+    if user is None and password is None:
         return
     os.environ["MLFLOW_TRACKING_URI"] = bare
     os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user or "")
-    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password or "")
 
 
 def build_config(values: dict[str, Any]) -> RunConfig:
@@ -118,11 +123,15 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    for name in ("mlflow.system_metrics", "mlflow.pyfunc"):  # monitor start/stop; "Validating input example"
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(command: click.Command, prog_name: str) -> None:
-    """Run a command; a usage error becomes one `error:` line (click's default prints three)."""
+    """Run a command; a usage error becomes one `error:` line (click's default prints three). MLflow's
+    own "View run/experiment at" lines are silenced: they open MLflow 3's GenAI overview, and each
+    command prints its own `view in MLflow:` link to the runs list."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     move_tracking_credentials()
     try:
         command.main(args=normalize_argv(sys.argv[1:]), prog_name=prog_name, standalone_mode=False)

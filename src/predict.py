@@ -32,7 +32,7 @@ from .cli import fail, main
 def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, text_column: str, label_column: str,
             output_path: Path | None, batch_size: int) -> None:
     """Label texts with a trained classifier (no network needed for a registered model)."""
-    from .config import ConfigError
+    from .base.config import ConfigError
 
     if bool(texts) == bool(input_path):
         fail(ConfigError("give texts as arguments or --input FILE (one of the two)"))
@@ -43,9 +43,11 @@ def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, tex
     frame = None
     if input_path is not None:
         frame = _read_input(input_path, text_column, label_column)
-        texts = tuple(frame[text_column].astype(str))
+        texts = tuple(frame[text_column])
     elif label_column:
         fail(ConfigError("--label-column needs --input FILE"))
+    else:
+        _check_arguments(texts)
     classifier = _load(model_uri)
     truth = None
     if label_column:
@@ -64,8 +66,8 @@ def predict(texts: tuple[str, ...], model_uri: str, input_path: Path | None, tex
 
 def _read_input(input_path: Path, text_column: str, label_column: str):
     """The --input rows, with the columns asked for: checked before any model loads."""
-    from .config import ConfigError
-    from .data import read_file
+    from .base.config import ConfigError
+    from .core.data import read_file
 
     try:
         frame = read_file(str(input_path))
@@ -78,14 +80,68 @@ def _read_input(input_path: Path, text_column: str, label_column: str):
         fail(ConfigError(f"{input_path} has no rows"))
     if label_column and label_column not in frame.columns:
         fail(ConfigError(f"{input_path} has no column {label_column!r}; set --label-column"))
+    _check_column(frame[text_column], f"column {text_column!r} of {input_path}", "text")
+    if label_column:
+        _check_column(frame[label_column], f"column {label_column!r} of {input_path}", "label")
     return frame
 
 
+def _check_arguments(texts: tuple[str, ...]) -> None:
+    """Texts to score: not empty, and valid Unicode (an argument whose bytes are not UTF-8 arrives as
+    lone surrogates, which no tokenizer can encode)."""
+    from .base.config import ConfigError
+
+    for i, text in enumerate(texts, 1):
+        reason = _not_unicode(text)
+        if reason:
+            fail(ConfigError(f"text argument {i} {reason}; pass UTF-8 text (check the terminal's encoding, "
+                             f"e.g. LANG=C.UTF-8)"))
+        if not text.strip():
+            fail(ConfigError(f"text argument {i} is empty; pass the texts to label"))
+
+
+def _check_column(column, where: str, what: str) -> None:
+    """Every row holds a string (labels: any value): a null, number or list would otherwise reach the
+    tokenizer and stop the run with a traceback after the model loaded."""
+    from .base.config import ConfigError
+
+    def problem(value) -> str:
+        if value is None or (isinstance(value, float) and value != value):
+            return "empty"
+        if what == "label":
+            return ""
+        if not isinstance(value, str):
+            return type(value).__name__
+        return _not_unicode(value) or ("empty" if not value.strip() else "")
+
+    bad = [(n, reason) for n, value in enumerate(column.tolist(), 1) if (reason := problem(value))]
+    if bad:
+        shown = ", ".join(f"row {n}: {reason}" for n, reason in bad[:3])
+        fail(ConfigError(f"{len(bad)} row(s) of {where} hold no usable {what} ({shown}; rows counted from 1, "
+                         f"an empty cell or NA reads as empty); fix or drop them"))
+
+
+def _not_unicode(text: str) -> str:
+    """'' for text that encodes as UTF-8, else what is wrong with it."""
+    try:
+        text.encode("utf-8")
+        return ""
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        if "\udc80" <= char <= "\udcff":  # how Python decodes a byte that is not UTF-8 (surrogateescape)
+            return f"is not valid UTF-8 (byte 0x{ord(char) - 0xDC00:02x})"
+        return f"holds {char!r}, half of a UTF-16 surrogate pair"
+
+
 def _load(model_uri: str):
-    from .config import ConfigError
-    from .serving import load
+    from .base.config import ConfigError
+    from .mlflow_io.serving import load
 
     try:
+        if model_uri.startswith(("models:/", "runs:/")):  # held by the tracking server: is it up?
+            from .mlflow_io.tracking import check_reachable
+
+            check_reachable()  # seconds, where MLflow's client would retry for minutes
         return load(model_uri)  # weights and JSON files only: nothing from the store is unpickled
     except ConfigError as exc:
         fail(exc)
@@ -115,7 +171,7 @@ def _check_output(output_path: Path, input_path: Path | None) -> None:
     """Before any model loads: the output can be written, and it is not the input."""
     import os
 
-    from .config import ConfigError
+    from .base.config import ConfigError
 
     if input_path is not None and output_path.resolve() == input_path.resolve():
         fail(ConfigError(f"--output {output_path} is the input file; write the predictions elsewhere"))

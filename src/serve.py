@@ -5,34 +5,47 @@
 `mlflow models serve -m models:/...` executes the model's code file as stored on the tracking
 server. This command instead reads only the weights (safetensors) and JSON files through the
 project's loader, rebuilds the MLflow model folder locally around this checkout's own code, and
-hands that folder to MLflow's scoring server (`POST /invocations`, `GET /ping`).
+serves that folder with MLflow's own scoring app (`POST /invocations`, `GET /ping`) under uvicorn,
+behind `guard.Guard`: a body-size limit, accepted content types, JSON checked before MLflow parses
+it, and every error answered with one line (no stack trace, no copy of the request).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import click
 
-from .cli import fail, main
+from .base.config import ServeConfig
+from .cli import config_options, fail, main
+
+# How the command hands its settings to each uvicorn worker, which imports `scoring_app` anew.
+SETTINGS = "IMDB_SENTIMENT_SERVE"
+SERVE_FIELDS = dataclasses.fields(ServeConfig)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_uri", required=True,
               help="MLflow model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=5001, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
-def serve(model_uri: str, host: str, port: int, workers: int) -> None:
+@config_options(fields=SERVE_FIELDS)
+def serve(model_uri: str, **values) -> None:
     """Answer POST /invocations with the model's labels and probabilities."""
+    from .base.config import ConfigError, ServeConfig
 
+    try:
+        sc = ServeConfig(**values)
+    except ConfigError as exc:
+        fail(exc)
+    host, port, workers, max_body_mb = sc.host, sc.port, sc.workers, sc.max_body_mb
     import mlflow
 
-    from . import serving, tracking
-    from .config import ConfigError
+    from .mlflow_io import serving, tracking
 
     with tempfile.TemporaryDirectory(prefix="serve-") as tmp:
         folder = Path(tmp) / "files"
@@ -45,13 +58,27 @@ def serve(model_uri: str, host: str, port: int, workers: int) -> None:
         except (ConfigError, ValueError) as exc:
             fail(exc)
         click.echo(f"serving {model_uri} on http://{host}:{port} (POST /invocations)", err=True)
-        command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(Path(tmp) / "model"),
-                   "--env-manager", "local", "--host", host, "--port", str(port), "--workers", str(workers)]
+        os.environ[SETTINGS] = json.dumps({"model_path": str(Path(tmp) / "model"), "max_body_mb": max_body_mb})
+        root = str(Path(__file__).resolve().parents[1])  # where workers import src.serve from
+        command = [sys.executable, "-m", "uvicorn", "--factory", "src.serve:scoring_app", "--app-dir", root,
+                   "--host", host, "--port", str(port), "--workers", str(workers), "--no-server-header"]
         sys.exit(_run_until_stopped(command))
 
 
+def scoring_app():
+    """The app each uvicorn worker runs: MLflow's scoring app for the local model folder, guarded. The
+    folder holds this checkout's code (`served_model.py`), which MLflow's loader executes."""
+    from mlflow.pyfunc import load_model, scoring_server
+
+    from .mlflow_io.guard import Guard
+
+    settings = json.loads(os.environ[SETTINGS])
+    model = load_model(settings["model_path"])
+    return Guard(scoring_server.init(model), max_body=int(settings["max_body_mb"] * (1 << 20)))
+
+
 def _run_until_stopped(command: list[str]) -> int:
-    """Run MLflow's scoring server (it starts uvicorn and its workers) in a process group of its own;
+    """Run the scoring server (uvicorn and its workers) in a process group of its own;
     Ctrl-C or SIGTERM stops the whole group, so no worker outlives this command and the temporary
     model folder is removed after it."""
     import os

@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
+from .base.config import ConfigError
 from .cli import build_config, config_options, fail, main, quiet_libraries
-from .config import ConfigError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -23,7 +23,7 @@ from .config import ConfigError
 def train(**values: Any) -> None:
     """Fine-tune a sequence classifier (full or LoRA) and track everything in MLflow."""
     cfg = build_config(values)
-    from .finetune import finetune
+    from .flows.finetune import finetune
 
     quiet_libraries()
     try:
@@ -31,7 +31,7 @@ def train(**values: Any) -> None:
     except ConfigError as exc:
         fail(exc)
         return
-    from .loop import close_distributed
+    from .core.loop import close_distributed
 
     close_distributed()
     if not out.run_id:
@@ -41,6 +41,9 @@ def train(**values: Any) -> None:
         f"f1 {out.val['f1']:.4f}; test accuracy {out.test['accuracy']:.4f} f1 {out.test['f1']:.4f}; "
         f"trainable params {out.trainable_params:,} of {out.total_params:,}"
     )
+    from .mlflow_io.tracking import ui_link
+
+    click.echo(f"view in MLflow: {ui_link(out.experiment_id)}", err=True)
 
 
 if __name__ == "__main__":

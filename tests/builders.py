@@ -110,20 +110,21 @@ def write_model(folder: Path, kind: str = "distilbert", seed: int = 0, pretrain:
 
 
 def lookup_classifier(encoder: Path, answers: dict[str, int], seed: int = 0):
-    """A real sequence classifier (the tiny encoder plus a head, trained here) that labels each of the
-    given single-word texts as `answers` says: models whose predictions a test knows exactly.
-    Returns (model, tokenizer)."""
+    """A real sequence classifier (the tiny encoder plus a head, trained here) that labels each text of
+    the gate's known world, and each of its words alone, by its first word, as `answers` says: a model
+    whose predictions a test knows exactly. Returns (model, tokenizer)."""
     import torch
     from transformers import AutoTokenizer
 
-    from src.config import LoraConfig
-    from src.modeling import build_model
+    from src.base.config import LoraConfig
+    from src.core.modeling import build_model
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(encoder)
     model = build_model(str(encoder), "full", ["0", "1"], LoraConfig())
-    batch = tokenizer(list(answers), padding=True, return_tensors="pt")
-    target = torch.tensor(list(answers.values()))
+    texts = GATE_TEXTS + GATE_WORDS  # the bare words too: a served model is asked `great` and `awful`
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    target = torch.tensor([answers[t.split()[0]] for t in texts])
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     for _ in range(400):
         model.train()
@@ -138,13 +139,16 @@ def lookup_classifier(encoder: Path, answers: dict[str, int], seed: int = 0):
 
 
 # --- the promotion gate's known world --------------------------------------------------------------
-# 8 words, 50 held-out texts each; a word's texts mostly carry its label GATE_Y (48 of 50, the last
-# word 27 of 50). A lookup classifier answers per word, so every model's accuracy, and every paired
-# comparison, is known exactly: flipping word 0 costs 46 texts, word 7 only 4.
+# 8 words, 50 distinct held-out texts each (the word, then two filler words); a word's texts mostly
+# carry its label GATE_Y (48 of 50, the last word 27 of 50). A lookup classifier answers per word, so
+# every model's accuracy, and every paired comparison, is known exactly: flipping word 0 costs 46
+# texts, word 7 only 4.
 GATE_WORDS = ["great", "awful", "movie", "plot", "actor", "scene", "music", "story"]
 GATE_Y = [1, 0, 1, 0, 1, 0, 1, 0]
 GATE_RIGHT = [48] * 7 + [27]
-GATE_TEXTS = [w for w in GATE_WORDS for _ in range(50)]
+_FILLER = ["the", "film", "was", "and", "a", "ending", "director", "script", "cast", "it"]
+GATE_FILL = [f"{a} {b}" for a in _FILLER for b in _FILLER if a != b][:50]
+GATE_TEXTS = [f"{w} {fill}" for w in GATE_WORDS for fill in GATE_FILL]
 
 
 def gate_truth():
@@ -159,16 +163,20 @@ def answers_for(flipped: tuple[int, ...] = ()) -> dict[str, int]:
 
 
 def submit_logged(model, tokenizer, answers: dict[str, int], train_words: tuple[str, ...] = (),
-                  max_batch_size: int = 0):
-    """Log a lookup classifier in the active run; the gate's Candidate for it on the known world."""
+                  max_batch_size: int = 0, texts: list[str] | None = None, truth=None):
+    """Log a lookup classifier in the active run; the gate's Candidate for it on the known world (or on
+    `texts` with their `truth`). `train_words`: the words whose texts it counts as trained on."""
     import numpy as np
 
-    from src import serving, tracking
-    from src.registry import Candidate
+    from src.mlflow_io import serving, tracking
+    from src.mlflow_io.gate import Candidate
 
-    hashes = serving.text_hashes(train_words)
-    info = tracking.log_servable(model, tokenizer, {"max_length": 16, "temperature": 1.0,
-                                                    "max_batch_size": max_batch_size}, hashes)
-    preds = np.array([answers[t] for t in GATE_TEXTS])
-    return Candidate(model_uri=info.model_uri, labels=["0", "1"], split="test", texts=list(GATE_TEXTS),
-                     truth=gate_truth(), preds=preds, train_hashes=hashes, majority=0)
+    hashes = serving.text_hashes([t for t in GATE_TEXTS if t.split()[0] in train_words])
+    info = tracking.log_model(model, tokenizer, {"strategy": "full", "max_length": 16, "temperature": 1.0,
+                                                 "max_batch_size": max_batch_size}, hashes)
+    texts = list(GATE_TEXTS) if texts is None else texts
+    stored = serving.resolve(info.model_uri)
+    return Candidate(model_uri=info.model_uri, labels=["0", "1"], split="test", texts=texts,
+                     truth=gate_truth() if truth is None else np.asarray(truth),
+                     preds=np.array([answers[t.split()[0]] for t in texts]), train_hashes=hashes, majority=0,
+                     files_digest=serving.manifest_digest(stored.files))

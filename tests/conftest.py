@@ -16,17 +16,6 @@ import pytest
 from tests.builders import write_data, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
-# `make test-fast` leaves these out (-m "not slow"): they train several models, start servers or
-# launch processes. `make test`, what CI runs, is every test.
-SLOW_MODULES = {"test_bad_input", "test_compare", "test_distributed", "test_end_to_end", "test_lifecycle",
-                "test_model_safety", "test_probe", "test_quality", "test_registry", "test_resume", "test_secrets",
-                "test_team", "test_tune"}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
 BIN = Path(sys.executable).parent
 
 
@@ -117,10 +106,16 @@ def stop_mlflow_server(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
+def server_folder(tmp_path_factory) -> Path:
+    """Where the session's server keeps its store and artifacts (what an artifact-store writer can reach)."""
+    return tmp_path_factory.mktemp("mlflow-server")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(server_folder):
     """The session's server; tests that stop a server start their own."""
     port = free_port()
-    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    proc = start_mlflow_server(server_folder, port)
     yield f"http://127.0.0.1:{port}"
     stop_mlflow_server(proc)
 
@@ -145,7 +140,7 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT
 COMMON_METRICS = {
     "train/loss", "train/learning_rate", "val/loss", "val/accuracy", "val/f1", "val/best_accuracy", "val/best_f1",
     "test/accuracy", "test/f1", "test/precision", "test/recall", "test/roc_auc", "test/loss",
-    "train/runtime_s", "train/samples_per_s", "train/peak_memory_mb", "best_epoch", "test/ece", "test/brier",
+    "train/runtime_s", "train/samples_per_s", "train/peak_memory_mb", "val/best_epoch", "test/ece", "test/brier",
     "val/best_ece", "test/recall_0", "test/recall_1",
 }
 
@@ -201,8 +196,8 @@ def steps_per_epoch(data_files) -> int:
     split) in length-grouped batches of BATCH_SIZE, one step per batch."""
     import numpy as np
 
-    from src.config import RunConfig
-    from src.data import length_grouped_batches, load_splits
+    from src.base.config import RunConfig
+    from src.core.data import length_grouped_batches, load_splits
 
     cfg = RunConfig.from_flat({"train_data": str(data_files[0]), "test_data": str(data_files[1]),
                                "batch_size": BATCH_SIZE})

@@ -26,7 +26,7 @@ def main() -> None:
         deadline = time.time() + 120
         while len(list(Path(barrier).iterdir())) < 2 and time.time() < deadline:
             time.sleep(0.05)
-        from src.registry import register_gated
+        from src.mlflow_io.gate import register_gated
 
         decision = register_gated(logged, name, 0.05)
     print(json.dumps(decision))

@@ -1,12 +1,21 @@
 """Bad input: one clear `error:` line, non-zero exit, before training, and no MLflow run left behind."""
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import mlflow
+import pandas as pd
 import pytest
 
 from tests.builders import sentiment_frame
-from tests.conftest import free_port, mlflow_run, run_cli
+from tests.conftest import ROOT, free_port, mlflow_run, run_cli
+
+# Trains models, starts servers or processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +59,7 @@ CASES = {
     "class weights not numbers": (["--class-weights", "heavy"], "--class-weights must be numbers"),
     "promotion alpha out of range": (["--promotion-alpha", "2"], "--promotion-alpha must be between 0 and 1"),
     "checkpoint folder is a file": (["--checkpoint-dir", "{d}/notes.txt"], "is not a folder"),
-    "token budget without buckets": (["--batch-tokens", "4096"], "--batch-tokens needs --bucket-width"),
-    "compile without buckets": (["--compile", "default"], "--compile needs --bucket-width"),
+    "negative bucket width": (["--bucket-width", "-64"], "--bucket-width must be >= 0 (0 = off), got -64"),
     "deleted experiment": (["--experiment-name", "bad-deleted experiment"], "is deleted; restore it with"),
     "one column as text and label": (["--label-column", "text"], "both name column 'text'"),
     "negative split seed": (["--split-seed", "-1"], "--split-seed must be an integer from 0 to 4294967295"),
@@ -101,11 +109,12 @@ def test_refused_input_under_mlflow_run_ends_that_run_failed_with_the_reason(tra
     [run] = tracking.search_runs([tracking.get_experiment_by_name("bad-project-run").experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.tags["mlflow.note.content"] == line and run.data.tags["error"] == line.removeprefix("error: ")
+    assert run.info.run_name == "refused: --seed must be an integer from 0 to 4294967295, got -1"
 
 
 def test_checkpoint_from_before_a_new_setting_still_resumes():
-    from src.checkpoint import check_settings
-    from src.config import ConfigError, RunConfig
+    from src.base.config import ConfigError, RunConfig
+    from src.core.checkpoint import check_settings
 
     config = RunConfig().flat()
     older = {k: v for k, v in config.items() if k != "class_weights"}  # written before the setting existed
@@ -115,8 +124,8 @@ def test_checkpoint_from_before_a_new_setting_still_resumes():
 
 
 def test_checkpoints_that_cannot_fit_the_disk_are_refused_before_work(tmp_path):
-    from src.checkpoint import check_space
-    from src.config import ConfigError
+    from src.base.config import ConfigError
+    from src.core.checkpoint import check_space
 
     assert check_space(tmp_path / "new" / "sub", trainable=1000) > 0  # a folder still to create is fine
     with pytest.raises(ConfigError, match=r"GiB free, checkpoints of this model need"):
@@ -129,15 +138,97 @@ def test_checkpoints_that_cannot_fit_the_disk_are_refused_before_work(tmp_path):
      'run `make full ARGS="-P train_data=/abs/train.parquet -P test_data=/abs/test.parquet -P model=/abs/'),
 ])
 def test_offline_hub_error_names_the_fix_in_the_commands_spelling(env, fix, distilbert_dir, tmp_path):
+    """HF_HUB_OFFLINE set (as in the suite) and IMDB not cached: the hint says so, and how to go on."""
     proc = run_cli(["--model", str(distilbert_dir), "--experiment-name", "bad-offline"], env=env, timeout=120)
     last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
     assert proc.returncode == 2 and last.startswith("error: could not load hub dataset 'imdb'"), proc.stderr[-2000:]
-    assert fix in last and "the model must be local too" in last and "HF_HUB_OFFLINE=1" in last
+    assert "HF_HUB_OFFLINE is set, so only the local Hugging Face cache is read and 'imdb' is not in it" in last
+    assert fix in last and "the model must be local too" in last
+
+
+def test_an_unreachable_hub_is_reported_in_seconds(distilbert_dir):
+    """HF_HUB_OFFLINE unset and the hub not answering (here: a closed port as its endpoint): a one-second
+    probe instead of the libraries' half minute of retries, and a hint that does not tell the user to
+    set what would not have helped."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    env = {"HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", "TRANSFORMERS_OFFLINE": "",
+           "HF_ENDPOINT": f"http://127.0.0.1:{closed}"}
+    start = time.monotonic()
+    proc = run_cli(["--model", "distilbert-base-uncased", "--experiment-name", "bad-hub"], env=env, timeout=120)
+    took = time.monotonic() - start
+    last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
+    assert proc.returncode == 2 and last.startswith("error: could not load hub dataset 'imdb'"), proc.stderr[-2000:]
+    assert f"the Hugging Face Hub (http://127.0.0.1:{closed}) does not answer and 'imdb' is not in the local cache" \
+        in last
+    assert "HF_HUB_OFFLINE" not in last and took < 20, took  # python and the imports take most of it
 
 
 def test_offline_fix_under_mlflow_run_uses_project_parameters(monkeypatch):
-    from src.data import offline_fix
+    from src.base.hub import local_files_fix
 
     monkeypatch.delenv("IMDB_SENTIMENT_MAKE_TARGET", raising=False)
     monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
-    assert offline_fix().startswith("add `-P train_data=/abs/train.parquet -P test_data=/abs/test.parquet -P model=")
+    assert local_files_fix().startswith("add `-P train_data=/abs/train.parquet -P test_data=/abs/test.parquet -P "
+                                        "model=")
+
+
+@pytest.fixture(scope="module")
+def predict_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("predict")
+    pd.DataFrame({"text": ["a fine film", None, float("nan")]}).to_parquet(d / "missing.parquet")
+    rows = [{"text": "a fine film", "label": 1}, {"text": None, "label": 0}, {"text": 3, "label": 1},
+            {"text": ["a", "list"], "label": 0}, {"text": "  ", "label": 1}]
+    (d / "odd.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (d / "no_label.csv").write_text("text,label\na fine film,1\na dull one,\n")
+    return d
+
+
+PREDICT_CASES = {  # name: (arguments after --model, what the one line says)
+    "argument whose bytes are not UTF-8": (["a fine film", "\udcff"], "text argument 2 is not valid UTF-8 (byte 0xff)"),
+    "empty argument": ([" "], "text argument 1 is empty"),
+    "null and NaN in a parquet text column": (["--input", "{d}/missing.parquet"],
+                                              "2 row(s) of column 'text' of {d}/missing.parquet hold no usable text "
+                                              "(row 2: empty, row 3: empty;"),
+    "null, number, list and blank in JSON lines": (["--input", "{d}/odd.jsonl"],
+                                                   "4 row(s) of column 'text' of {d}/odd.jsonl hold no usable text "
+                                                   "(row 2: empty, row 3: int, row 4: list;"),
+    "missing label": (["--input", "{d}/no_label.csv", "--label-column", "label"],
+                      "1 row(s) of column 'label' of {d}/no_label.csv hold no usable label (row 2: empty;"),
+    "tracking server down": (["a fine film"], "MLflow tracking server http://127.0.0.1:"),
+}
+
+
+@pytest.mark.parametrize("name", list(PREDICT_CASES))
+def test_predict_refuses_bad_input_with_one_line_before_loading(name, predict_files, tracking):
+    """Each of these once ended in a traceback after the model loaded, or (server down) after 4 minutes
+    of MLflow's retries: now one line within seconds, the model never fetched."""
+    args, message = PREDICT_CASES[name]
+    env = {**os.environ}
+    if name == "tracking server down":
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "src.predict", "--model", "models:/never-registered@champion",
+                           *[a.format(d=predict_files) for a in args]], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert time.monotonic() - start < 10
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and lines[-1].startswith("error: "), proc.stderr[-2000:]
+    assert message.format(d=predict_files) in lines[-1] and "Traceback" not in proc.stderr, lines[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--registered-model-name", "bad name!"], "--registered-model-name may hold letters, digits"),
+    (["--promotion-alpha", "3"], "--promotion-alpha must be between 0 and 1 exclusive, got 3.0"),
+])
+def test_register_refuses_a_bad_name_or_level_before_contacting_the_server(args, message):
+    """Nothing listens on port 9: a check made after contacting the server would say it is unreachable."""
+    out = subprocess.run([sys.executable, "-m", "src.registry", "register", "--run-id", "0" * 32, *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and message in out.stderr, out.stderr

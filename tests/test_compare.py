@@ -7,10 +7,13 @@ import sys
 import pandas as pd
 import pytest
 
-from src.compare import pareto_front
-from src.config import RunConfig
-from src.finetune import finetune
+from src.base.config import RunConfig
+from src.flows.finetune import finetune
+from src.flows.report import pareto_front
 from tests.conftest import ROOT, artifact_paths, mlflow_run
+
+# Trains models, starts servers or processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 CHARTS = ("accuracy_f1.png", "trainable_params.png", "metric_vs_params.png")
 EXPERIMENT = "compare-src"
@@ -18,10 +21,10 @@ EXPERIMENT = "compare-src"
 
 @pytest.fixture(scope="module")
 def three_runs(tracking, distilbert_dir, data_files):
-    """A full run and two LoRA runs of different rank, as the report's input."""
+    """A full run, two LoRA runs of different rank and a linear probe, as the report's input."""
     ids = {}
     for key, over in (("full", {"strategy": "full", "learning_rate": 1e-3}), ("r4", {"lora_r": 4}),
-                      ("r8", {"lora_r": 8})):
+                      ("r8", {"lora_r": 8}), ("head", {"strategy": "head"})):
         cfg = RunConfig.from_flat({"model": str(distilbert_dir), "train_data": str(data_files[0]),
                                    "test_data": str(data_files[1]), "epochs": 1, "batch_size": 16,
                                    "learning_rate": 5e-3, "checkpoint_dir": "", "experiment_name": EXPERIMENT,
@@ -32,7 +35,7 @@ def three_runs(tracking, distilbert_dir, data_files):
 
 def compare_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "src.compare", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def compare_runs(client, experiment):
@@ -46,7 +49,7 @@ def test_compare_table_holds_the_tracked_numbers(tracking, three_runs, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(out / "results.csv")
     assert sorted(table["run_id"]) == sorted(three_runs.values())
-    assert list(table["strategy"]) == ["full", "lora", "lora"]
+    assert list(table["strategy"]) == ["full", "lora", "lora", "head"]
     full_trainable = int(tracking.get_run(three_runs["full"]).data.params["trainable_params"])
     for row in table.itertuples():
         run = tracking.get_run(row.run_id)
@@ -66,7 +69,9 @@ def test_compare_table_holds_the_tracked_numbers(tracking, three_runs, tmp_path)
     assert table.loc[0, "reduction_vs_full_pct"] == 0
 
     md = (out / "results.md").read_text().splitlines()
-    assert md[0].startswith("| strategy | run | front | val accuracy") and len([ln for ln in md if ln[:1] == "|"]) == 5
+    assert md[0].startswith("| strategy | run | front | val accuracy") and len([ln for ln in md if ln[:1] == "|"]) == 6
+    head = table[table["strategy"] == "head"].iloc[0]
+    assert head["pareto"] and head["trainable_params"] == table["trainable_params"].min()  # nothing is smaller
     assert md[-1].startswith("`front`: P = on the Pareto front")
     # the smallest of the most accurate runs is on it; a run that another matches in accuracy with
     # fewer parameters is not (the rule itself: test_pareto_front_known_answer)
@@ -84,11 +89,11 @@ def test_compare_table_holds_the_tracked_numbers(tracking, three_runs, tmp_path)
     # logged as a `compare` run holding the same files; never compared itself
     [report] = compare_runs(tracking, EXPERIMENT)
     assert report.info.status == "FINISHED" and report.info.run_name == "compare"
-    assert report.data.params["compared_runs"] == "3" and "strategy" not in report.data.tags
+    assert report.data.params["compared_runs"] == "4" and "strategy" not in report.data.tags
     files = set(artifact_paths(tracking, report.info.run_id, "compare"))
     assert {f"compare/{f}" for f in ("results.md", "results.csv", "results.json", *CHARTS)} <= files
     again = compare_cli("--experiment-name", EXPERIMENT, "--output-dir", str(tmp_path / "again"))
-    assert again.returncode == 0 and len(pd.read_csv(tmp_path / "again" / "results.csv")) == 3
+    assert again.returncode == 0 and len(pd.read_csv(tmp_path / "again" / "results.csv")) == 4
 
 
 def test_selection_by_run_ids_and_by_filter(tracking, three_runs, tmp_path):
@@ -104,7 +109,7 @@ def test_selection_by_run_ids_and_by_filter(tracking, three_runs, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--experiment-name", "no-such-experiment"], "experiment 'no-such-experiment' does not exist"),
-    (["--experiment-name", EXPERIMENT, "--filter-string", "params.lora_r = '99'"], "no finished full or LoRA runs"),
+    (["--experiment-name", EXPERIMENT, "--filter-string", "params.lora_r = '99'"], "no finished training runs"),
     (["--experiment-name", EXPERIMENT, "--filter-string", "params.lora_r ~~ 4"], "is not a valid MLflow filter"),
     (["--run-ids", "0" * 32], f"run {'0' * 32} does not exist"),
     (["--run-ids", "abc"], "--run-ids must be MLflow run ids"),
@@ -128,7 +133,7 @@ def test_bad_selection_is_one_clear_error(tracking, three_runs, tmp_path, args, 
 
 
 def test_output_dir_holding_other_files_is_refused_and_they_are_never_logged(tracking, three_runs, tmp_path):
-    from src.compare import FILES
+    from src.flows.report import FILES
 
     out = tmp_path / "report"
     out.mkdir()
@@ -157,9 +162,9 @@ def test_compare_entry_point_of_the_project(tracking, three_runs, tmp_path):
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [run] = tracking.search_runs([tracking.get_experiment_by_name("compare-project").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.params["compared_runs"] == "3"
+    assert run.info.status == "FINISHED" and run.data.params["compared_runs"] == "4"
     assert "compare/metric_vs_params.png" in artifact_paths(tracking, run.info.run_id, "compare")
-    assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 3
+    assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 4
 
 
 def test_notebook_executes_against_the_tracked_runs(tracking, three_runs, tmp_path, monkeypatch):

@@ -2,16 +2,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.config import ConfigError, DataConfig
-from src.data import (
+from src.base.config import ConfigError, DataConfig
+from src.core.data import (
     Encoded,
     bucket_widths,
     bucketed_batches,
     collate,
     length_grouped_batches,
     load_splits,
-    sorted_batches,
 )
+from src.core.inference import sorted_batches
 from tests.builders import write_data
 
 
@@ -91,24 +91,19 @@ def test_length_grouped_batches_cover_everything_once_with_little_padding():
     assert any(len(a) != len(b) or (a != b).any() for a, b in zip(batches, other, strict=True))
 
 
-@pytest.mark.parametrize("batch_tokens", [0, 4096])
-def test_bucketed_epoch_sees_every_example_once_in_few_shapes(batch_tokens):
+def test_bucketed_epoch_sees_every_example_once_in_few_shapes():
     lengths = np.random.default_rng(0).integers(5, 500, size=3000)
-    batches = bucketed_batches(lengths, 64, 32, batch_tokens, np.random.default_rng(1))
+    batches = bucketed_batches(lengths, 64, 32, np.random.default_rng(1))
     assert sorted(np.concatenate(batches).tolist()) == list(range(3000))
     enc = Encoded([np.ones(n, dtype=np.int32) for n in lengths], np.zeros(3000, dtype=np.int64))
     shapes = {tuple(collate(enc, b, 0, 64, int(lengths.max()))[0].shape) for b in batches}
     widths = {w for _, w in shapes}
     assert widths == set(bucket_widths(lengths, 64).tolist()) and len(widths) == 8  # 64..448 and the longest, 499
     assert len(shapes) <= 2 * len(widths)  # per width a full batch and at most one short one
-    for rows, width in shapes:
-        assert rows * width <= batch_tokens if batch_tokens else rows <= 32
-    full = {w: max(r for r, w2 in shapes if w2 == w) for w in widths}
-    if batch_tokens:  # the budget holds more short reviews than long ones
-        assert full[64] == 64 and full[499] == 8
+    assert all(rows <= 32 for rows, _ in shapes)
     rows, width = collate(enc, batches[0], 0, 64, int(lengths.max()))[0].shape
     assert rows * width == max(r * w for r, w in shapes)  # the biggest batch first: OOM shows at step one
-    again = bucketed_batches(lengths, 64, 32, batch_tokens, np.random.default_rng(1))
+    again = bucketed_batches(lengths, 64, 32, np.random.default_rng(1))
     assert all((a == b).all() for a, b in zip(batches, again, strict=True))
 
 
@@ -118,8 +113,8 @@ def test_sorted_batches_longest_first():
 
 
 def test_tokenizer_hash_ignores_call_state(distilbert_dir):
-    from src.data import tokenizer_hash
-    from src.modeling import load_tokenizer
+    from src.core.data import tokenizer_hash
+    from src.core.modeling import load_tokenizer
 
     tok = load_tokenizer(str(distilbert_dir))
     before = tokenizer_hash(tok)

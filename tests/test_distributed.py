@@ -7,6 +7,9 @@ import pytest
 
 from tests.conftest import COMMON_METRICS, ROOT, only_run, run_cli
 
+# Trains models, starts servers or processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def train_args(model_dir, data_files, batch_size, experiment):
     return ["--strategy", "lora", "--model", str(model_dir), "--train-data", str(data_files[0]),
@@ -21,7 +24,7 @@ def test_two_processes_train_as_one_run(tracking, distilbert_dir, data_files):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = only_run(tracking, "ddp")  # rank 1 created nothing
     assert ddp.info.status == "FINISHED"
-    assert ddp.data.params["world_size"] == "2" and ddp.data.params["global_batch_size"] == "16"
+    assert ddp.data.tags["runtime.world_size"] == "2" and ddp.data.tags["runtime.global_batch_size"] == "16"
     assert COMMON_METRICS <= set(ddp.data.metrics)
 
     single = run_cli(train_args(distilbert_dir, data_files, 16, "ddp-single"))

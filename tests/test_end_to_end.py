@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,9 @@ import pandas as pd
 import pytest
 
 from tests.conftest import BIN, COMMON_METRICS, ROOT, artifact_paths, mlflow_run, only_run
+
+# Trains models, starts servers or processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +34,11 @@ def full_run(tracking, distilbert_dir, data_files, tmp_path_factory):
     return only_run(tracking, "e2e-full")
 
 
+def logged_model(client, run):
+    (output,) = run.outputs.model_outputs
+    return client.get_logged_model(output.model_id)
+
+
 def test_lora_run_is_tracked_completely(tracking, lora_run):
     run = lora_run
     assert run.info.status == "FINISHED"
@@ -40,15 +49,26 @@ def test_lora_run_is_tracked_completely(tracking, lora_run):
     assert int(p["trainable_params"]) == 2 * 3 * 4 * (32 + 32) + (32 * 32 + 32) + (32 * 2 + 2)
     assert int(p["total_params"]) > int(p["trainable_params"]) and 0 < float(p["trainable_pct"]) < 100
     assert p["lora_target_modules"] == "auto" and p["train_size"] == "360" and p["val_size"] == "40"
+    # params are the model's definition; where it ran and how it reported are elsewhere
+    operational = {"checkpoint_dir", "checkpoint_steps", "logging_steps", "device", "dist_timeout",
+                   "run_name", "resume_run_id", "experiment_name", "eval_batch_size", "system_metrics",
+                   "resolved_device", "compute_dtype", "world_size", "test_texts_in_train"}
+    assert not operational & set(p), operational & set(p)
+    assert run.data.tags["runtime.device"] == "cpu" and run.data.tags["data.test_texts_in_train"] == "0"
+    from src.mlflow_io.tracking import logged_config
+
+    config = logged_config(run.info.run_id)
+    assert config["checkpoint_dir"] and config["lora_r"] == 4  # every resolved setting, to reproduce the run
     assert COMMON_METRICS <= set(run.data.metrics)
+    assert not [k for k in run.data.metrics if k.startswith("system/")]  # opt-in (--system-metrics)
+    assert sorted(run.data.metrics)[0].startswith("test/")  # MLflow's compare page lists them by name
     assert run.data.metrics["val/best_accuracy"] >= 0.85
     epochs = [m.step for m in tracking.get_metric_history(run.info.run_id, "val/accuracy")]
     assert epochs == [1, 2, 3]
     files = set(artifact_paths(tracking, run.info.run_id))
     for f in ("test/confusion_matrix.png", "test/confusion_matrix.json", "val/confusion_matrix.png",
               "test/roc_curve.png", "test/classification_report.json", "test/misclassified.json",
-              "config/resolved_config.yaml", "config/label_map.json",
-              "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer_config.json"):
+              "config/resolved_config.yaml", "config/label_map.json"):
         assert f in files, f
     import mlflow
 
@@ -57,6 +77,10 @@ def test_lora_run_is_tracked_completely(tracking, lora_run):
     assert np.trace(matrix["matrix"]) / 120 == pytest.approx(run.data.metrics["test/accuracy"])
     inputs = {d.tags[0].value for d in run.inputs.dataset_inputs}
     assert inputs == {"train", "validation", "test"}
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"train", "train-validation", "test"}
+    experiment = tracking.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "test/accuracy" in experiment.tags["mlflow.sharedViewState.results"]
 
 
 def test_full_and_lora_share_metric_keys(full_run, lora_run):
@@ -73,7 +97,7 @@ def test_registered_model_reloads_offline_and_predicts_identically(tracking, lor
     import mlflow
     import peft
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     versions = tracking.search_model_versions("name='tiny-sentiment'")
     assert [v.run_id for v in versions] == [lora_run.info.run_id]
@@ -84,30 +108,114 @@ def test_registered_model_reloads_offline_and_predicts_identically(tracking, lor
     accuracy = (out["label"].astype(int) == test["label"]).mean()
     assert accuracy == pytest.approx(lora_run.data.metrics["test/accuracy"])
 
-    # an independent reload: base model + the logged adapter through peft, unmerged
-    adapter = mlflow.artifacts.download_artifacts(f"runs:/{lora_run.info.run_id}/adapter", dst_path=str(tmp_path))
-    base = AutoModelForSequenceClassification.from_pretrained(distilbert_dir, num_labels=2)
+    # an independent reload of the run's logged model: its adapter folder on the base through peft,
+    # unmerged; the folder carries the label map
+    model_id = logged_model(tracking, lora_run).model_id
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(tmp_path)))
+    adapter = root / "artifacts" / "weights"
+    config = AutoConfig.from_pretrained(adapter)
+    assert config.id2label == {0: "0", 1: "1"}
+    base = AutoModelForSequenceClassification.from_pretrained(distilbert_dir, config=config)
     model = peft.PeftModel.from_pretrained(base, adapter).eval()
     tok = AutoTokenizer.from_pretrained(adapter)
     with torch.no_grad():
         probs = torch.softmax(model(**tok(test["text"].tolist(), padding=True, return_tensors="pt")).logits, -1)
     assert np.allclose(probs.numpy(), out[["prob_0", "prob_1"]].to_numpy(), atol=1e-5)
     assert (probs.argmax(-1).numpy() == out["label"].astype(int).to_numpy()).all()
-    size = sum(f.stat().st_size for f in Path(adapter).iterdir())
+    size = sum(f.stat().st_size for f in adapter.iterdir())
     assert size < 2_000_000
 
 
-def test_system_metrics_and_test_metrics_linked_to_the_logged_model(tracking, lora_run):
-    """MLflow 3's model-centric view: the model the run logged (and registered) holds the run's test
-    metrics, each tied to the test dataset; the run samples the machine (system/*)."""
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(lora_run.data.metrics)
-    (output,) = lora_run.outputs.model_outputs
-    model = tracking.get_logged_model(output.model_id)
-    assert model.name == "model" and model.source_run_id == lora_run.info.run_id
-    linked = {m.key: m for m in model.metrics}
-    for key in ("test/accuracy", "test/f1", "test/roc_auc"):
-        assert linked[key].value == pytest.approx(lora_run.data.metrics[key])
-        assert linked[key].dataset_name == "train.parquet-test" and linked[key].run_id == lora_run.info.run_id
+def stored_bytes(server_folder, client, run) -> tuple[int, int]:
+    """(bytes of the run's artifacts, bytes of its logged model) in the server's artifact store."""
+    model = server_folder / "artifacts" / logged_model(client, run).artifact_location.removeprefix("mlflow-artifacts:/")
+    run_dir = server_folder / "artifacts" / run.info.artifact_uri.removeprefix("mlflow-artifacts:/")
+    size = lambda folder: sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())  # noqa: E731
+    return size(run_dir), size(model)
+
+
+def test_every_run_logs_its_model_with_linked_metrics(tracking, server_folder, lora_run, full_run):
+    """MLflow 3's model-centric view: each run logged its model, holding the run's definition as params
+    and its held-out metrics tied to their datasets; what each costs in the store is printed."""
+    for run in (lora_run, full_run):
+        model = logged_model(tracking, run)
+        assert model.name == "model" and model.source_run_id == run.info.run_id
+        assert model.model_type == run.data.tags["strategy"]
+        assert model.params["learning_rate"] == run.data.params["learning_rate"]
+        assert "checkpoint_dir" not in model.params
+        linked = {(m.key, m.dataset_name): m for m in model.metrics}
+        for key in ("test/accuracy", "test/f1", "test/roc_auc"):
+            assert linked[(key, "test")].value == pytest.approx(run.data.metrics[key])
+            assert linked[(key, "test")].run_id == run.info.run_id
+        assert linked[("val/best_accuracy", "train-validation")].value == run.data.metrics["val/best_accuracy"]
+        run_bytes, model_bytes = stored_bytes(server_folder, tracking, run)
+        print(f"{run.info.run_name}: run artifacts {run_bytes:,} bytes, logged model {model_bytes:,} bytes")
+    lora_model, full_model = (stored_bytes(server_folder, tracking, r)[1] for r in (lora_run, full_run))
+    assert lora_model < full_model  # the adapter and a reference to its base, not a copy of the base
+    # the model ships only what serving needs: its loader and scoring, no trainer
+    from src.mlflow_io.serving import CODE
+
+    root = server_folder / "artifacts" / logged_model(tracking, lora_run).artifact_location.removeprefix(
+        "mlflow-artifacts:/")
+    shipped = {p.relative_to(root / "code" / "src").as_posix() for p in (root / "code" / "src").rglob("*.py")}
+    assert shipped == set(CODE)
+    print(f"code shipped with the model: {sum((root / 'code' / 'src' / c).stat().st_size for c in CODE):,} bytes")
+
+
+def test_system_metrics_are_opt_in(tracking, distilbert_dir, data_files):
+    from tests.conftest import run_cli
+
+    proc = run_cli(["--model", str(distilbert_dir), "--train-data", str(data_files[0]), "--test-data",
+                    str(data_files[1]), "--epochs", "1", "--max-train-samples", "64", "--experiment-name",
+                    "system-metrics", "--system-metrics", "true", "--checkpoint-dir", ""])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = only_run(tracking, "system-metrics")
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    link = [ln for ln in proc.stderr.splitlines() if ln.startswith("view in MLflow: ")]
+    assert link == [f"view in MLflow: {tracking.tracking_uri}/#/experiments/{run.info.experiment_id}/runs?"
+                    f"workflowType=machine_learning&viewStateShareKey=results"]
+
+
+def test_an_earlier_run_is_registered_later_and_served(tracking, full_run, tmp_path):
+    """`python -m src.registry register --run-id`: the full run's model, as stored, scored on its test
+    split and judged by the gate; registered, then served over HTTP."""
+    import json
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    proc = subprocess.run([sys.executable, "-m", "src.registry", "register", "--run-id", full_run.info.run_id,
+                           "--registered-model-name", "registered-later"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("registered-later: version 1 is champion: test accuracy"), line
+    assert line not in proc.stderr and "Warning" not in proc.stderr  # the sentence once, on stdout
+    version = tracking.get_model_version("registered-later", "1")
+    assert version.run_id == full_run.info.run_id and version.description == line
+    assert tracking.get_run(full_run.info.run_id).data.tags["registry.decision"] == "champion"
+    again = subprocess.run([sys.executable, "-m", "src.registry", "register", "--run-id", "0" * 32],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and again.stderr.strip().startswith("error: run 00000000")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "src.serve", "--model", "models:/registered-later@champion",
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        answer, body = None, json.dumps({"inputs": {"text": ["a great film"]}}).encode()
+        for _ in range(240):
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                time.sleep(0.5)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+    assert answer is not None and answer["predictions"][0]["label"] in ("0", "1")
 
 
 def test_train_module_runs_without_mlflow_projects(tracking, distilbert_dir, data_files):
@@ -130,6 +238,7 @@ def test_predict_command_matches_the_registered_model(lora_run, data_files, tmp_
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert shown.stdout.splitlines()[0].split() == ["text", "label", "prob_0", "prob_1"]
+    assert "LOAD REPORT" not in shown.stderr and "Warning" not in shown.stderr, shown.stderr[-2000:]
     expected = mlflow.pyfunc.load_model("models:/tiny-sentiment/1").predict(pd.DataFrame({"text": texts}))
     assert [line.split()[-3] for line in shown.stdout.splitlines()[1:]] == list(expected["label"])
 
@@ -207,7 +316,7 @@ def test_readme_run_lands_where_compare_reads(tracking, distilbert_dir, data_fil
     """The README's first `mlflow run` line as typed (plus tiny data) puts its run in compare's experiment."""
     import shlex
 
-    from src.config import CompareConfig
+    from src.base.config import CompareConfig
 
     readme = (ROOT / "README.md").read_text()
     line = next(line for line in readme.splitlines() if line.startswith("mlflow run . -e lora"))

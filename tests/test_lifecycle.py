@@ -9,7 +9,7 @@ import urllib.request
 import mlflow
 import pytest
 
-from src.config import RunConfig
+from src.base.config import RunConfig
 from tests.conftest import (
     ROOT,
     free_port,
@@ -21,6 +21,9 @@ from tests.conftest import (
     train_cmd,
     wait_for_metric,
 )
+
+# Trains models, starts servers or processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("sig, experiment", [(signal.SIGTERM, "sigterm"), (signal.SIGINT, "sigint")])
@@ -39,8 +42,7 @@ def test_signal_mid_training_ends_run_killed_with_a_checkpoint(tracking, distilb
     assert (tmp_path / run.info.run_id / "last.pt").is_file()
 
 
-@pytest.mark.parametrize("batching", [[], ["--bucket-width", "16", "--batch-tokens", "384"]],
-                         ids=["length-grouped", "bucketed-token-budget"])
+@pytest.mark.parametrize("batching", [[], ["--bucket-width", "16"]], ids=["length-grouped", "bucketed"])
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tracking, distilbert_dir, data_files, tmp_path, batching):
     tag = "-bucketed" if batching else ""
     whole = subprocess.run(train_cmd(distilbert_dir, data_files, f"uninterrupted{tag}", tmp_path / "a", "--epochs",
@@ -75,7 +77,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tracking, distilbert_dir
 
 
 def test_exception_ends_run_failed_with_traceback(tracking, distilbert_dir, data_files):
-    from src import tracking as tr
+    from src.mlflow_io import tracking as tr
 
     cfg = RunConfig.from_flat({"model": str(distilbert_dir), "train_data": str(data_files[0]),
                                "test_data": str(data_files[1]), "experiment_name": "failing"})

@@ -1,5 +1,7 @@
-"""Nothing a tracking server holds runs code here: a planted pickle is never loaded, and the served
-model answers malformed requests with one line and HTTP 400."""
+"""Nothing a tracking server holds runs code here, and what is loaded is what was judged: a planted
+pickle or code file is never loaded, a file changed in the artifact store after logging is refused by
+the gate, predict and serve with one line naming it, and the served model answers malformed requests
+with one line and HTTP 400."""
 
 import json
 import os
@@ -9,15 +11,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 
-from src.config import ConfigError
-from src.registry import register_gated
-from tests.builders import answers_for, lookup_classifier, submit_logged
+from src.base.config import ConfigError
+from src.mlflow_io import serving
+from src.mlflow_io.gate import register_gated
+from tests.builders import GATE_TEXTS, answers_for, lookup_classifier, submit_logged
 from tests.conftest import BIN, ROOT, free_port, run_cli
+
+# Trains models, starts servers or processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 class Planted(mlflow.pyfunc.PythonModel):
@@ -142,7 +149,7 @@ def test_served_champion_answers_malformed_requests_with_400(tracking, lookup, t
     scratch.mkdir()
     server = serve(command, port, tmp_path / "serve.log", env={**os.environ, "TMPDIR": str(scratch)})
     try:
-        status, body = post(port, '{"inputs": {"text": ["great", "awful"]}}')
+        status, body = post(port, json.dumps({"inputs": {"text": [GATE_TEXTS[0], GATE_TEXTS[50]]}}))
         assert status == 200, body
         assert [r["label"] for r in json.loads(body)["predictions"]] == ["1", "0"]
         answers = [(request, *post(port, request)) for request, _, _ in MALFORMED]
@@ -163,3 +170,91 @@ def test_served_champion_answers_malformed_requests_with_400(tracking, lookup, t
         assert "Traceback" not in body and "stack_trace" not in body, (request, body)
         assert phrase in body, (request, body)
     assert not marker.exists()
+
+
+def on_disk(server_folder, model_uri: str, path: str):
+    """The file behind a stored model's artifact, where a writer of the artifact store can change it."""
+    location = serving.resolve(model_uri).artifact_location
+    return server_folder / "artifacts" / location.removeprefix("mlflow-artifacts:/") / path
+
+
+def commands(uri: str) -> dict[str, list[str]]:
+    return {"predict": [sys.executable, "-m", "src.predict", "--model", uri, "a fine film"],
+            "serve": [sys.executable, "-m", "src.serve", "--model", uri, "--port", str(free_port())]}
+
+
+def refused_everywhere(lookup, name: str, phrase: str, stdin: str = "") -> None:
+    """The gate (judging a new candidate against this champion), predict and serve each refuse with one
+    line holding `phrase`, before anything is loaded."""
+    with pytest.raises(ConfigError, match=phrase):
+        gate(lookup, name)
+    for how, command in commands(f"models:/{name}@champion").items():
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, input=stdin)
+        assert phrase in one_error_line(proc), (how, proc.stderr[-1500:])
+
+
+@pytest.mark.parametrize("path", ["artifacts/weights/model.safetensors", "artifacts/classifier.json",
+                                  "artifacts/weights/tokenizer.json"])
+def test_a_file_changed_after_logging_is_refused(tracking, lookup, server_folder, models_ab, path):
+    """The champion's weights swapped for another version's, its classifier.json or a tokenizer file
+    changed in the artifact store: the digest recorded in the tracking store no longer matches."""
+    mlflow.set_experiment("swapped")
+    name = "swapped-" + Path(path).stem.replace(".", "-")
+    champion = gate(lookup, name)["candidate_version"]
+    other = gate(models_ab, name)["candidate_version"]  # a second version, whose files are also legit
+    target = on_disk(server_folder, f"models:/{name}/{champion}", path)
+    source = on_disk(server_folder, f"models:/{name}/{other}", path)
+    original = target.read_bytes()
+    if path.endswith("classifier.json"):
+        target.write_text(target.read_text().replace('"temperature": 1.0', '"temperature": 9.0'))
+    elif path.endswith("tokenizer.json"):  # both versions share the tokenizer: swap two words' ids instead
+        vocab = json.loads(target.read_text())
+        words = vocab["model"]["vocab"]
+        words["great"], words["awful"] = words["awful"], words["great"]
+        target.write_text(json.dumps(vocab))
+    else:
+        target.write_bytes(source.read_bytes())
+    assert target.read_bytes() != original
+    try:
+        refused_everywhere(lookup, name, f"file {path} is not the one recorded when the model was logged")
+    finally:
+        target.write_bytes(original)
+    assert serving.load(f"models:/{name}@champion").labels == ["0", "1"]  # restored: loads again
+
+
+@pytest.fixture(scope="module")
+def models_ab(distilbert_dir):
+    return lookup_classifier(distilbert_dir, answers_for((0,)))
+
+
+def test_planted_code_is_never_run(tracking, lookup, server_folder, tmp_path):
+    """A stored model made to carry code: a `.py` file listed among its files, or an `auto_map` in its
+    config.json (its digests recorded to match, as a writer of both stores could). The gate, predict
+    and serve refuse it with one line, answering `y` on stdin changes nothing, the code never runs."""
+    mlflow.set_experiment("planted-code")
+    marker = tmp_path / "code-ran"
+    for how in ("listed .py", "auto_map"):
+        name = "planted-code-" + how.split()[-1].replace(".", "").replace("_", "-")
+        version = gate(lookup, name)["candidate_version"]
+        stored = serving.resolve(f"models:/{name}/{version}")
+        weights = on_disk(server_folder, f"models:/{name}/{version}", "artifacts/weights")
+        (weights / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+        files = dict(stored.files)
+        if how == "listed .py":
+            files["artifacts/weights/evil.py"] = serving.file_digest(weights / "evil.py")
+        else:
+            config = json.loads((weights / "config.json").read_text())
+            config["auto_map"] = {"AutoModelForSequenceClassification": "evil.Model", "AutoConfig": "evil.Config"}
+            (weights / "config.json").write_text(json.dumps(config))
+            files["artifacts/weights/config.json"] = serving.file_digest(weights / "config.json")
+        tracking.set_logged_model_tags(stored.model_id, {serving.MANIFEST_TAG: json.dumps(files)})
+        tracking.delete_model_version_tag(name, version, "files.sha256")  # a writer of the store could
+        phrase = "lists files a classifier of this project never holds" if how == "listed .py" else "holds code"
+        refused_everywhere(lookup, name, phrase, stdin="y\ny\n")
+        assert not marker.exists()
+    # a local model folder with code in it is refused the same way, before transformers reads it
+    local = tmp_path / "local"
+    mlflow.artifacts.download_artifacts(f"models:/{stored.model_id}", dst_path=str(local))
+    proc = subprocess.run(commands(str(local))["predict"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          input="y\n")
+    assert "holds code" in one_error_line(proc) and not marker.exists()

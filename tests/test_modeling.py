@@ -1,7 +1,7 @@
 import pytest
 
-from src.config import ConfigError, LoraConfig
-from src.modeling import attention_dropout_override, build_model, count_params
+from src.base.config import ConfigError, LoraConfig
+from src.core.modeling import attention_dropout_override, build_model, count_params
 
 
 def lora_params(r, fan_in, fan_out):

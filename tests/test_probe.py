@@ -15,8 +15,11 @@ import urllib.request
 import mlflow
 import pytest
 
-from src.config import ConfigError
-from src.tracking import check_reachable
+from src.base.config import ConfigError
+from src.mlflow_io.tracking import check_reachable
+
+# Trains models, starts servers or processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 TOKEN = "team-token-123"
 

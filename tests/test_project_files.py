@@ -8,9 +8,10 @@ import sys
 import pytest
 import yaml
 
+from src.base.config import DEFAULT_LEARNING_RATE, CompareConfig, TuneConfig, all_fields
+from src.base.strategies import STRATEGIES
 from src.cli import normalize_argv, option_name
 from src.compare import compare
-from src.config import DEFAULT_LEARNING_RATE, CompareConfig, TuneConfig, all_fields
 from src.train import train
 from src.tune import NOT_IN_PROJECT, SEARCHED, TUNE_DEFAULTS, tune
 from tests.conftest import ROOT
@@ -19,9 +20,9 @@ SETTINGS = {f.name: f for f in all_fields()}
 TUNE = {f.name: f for f in dataclasses.fields(TuneConfig)}
 COMPARE = {f.name: f for f in dataclasses.fields(CompareConfig)}
 # entry point -> (module, its click command, the strategy it fixes)
-ENTRY_POINTS = {"main": ("src.train", train, "lora"), "lora": ("src.train", train, "lora"),
-                "full": ("src.train", train, "full"), "tune": ("src.tune", tune, None),
-                "compare": ("src.compare", compare, None)}
+# Every strategy has an entry point of its own name (strategies.py), besides main, tune and compare.
+ENTRY_POINTS = {"main": ("src.train", train, "lora"), **{name: ("src.train", train, name) for name in STRATEGIES},
+                "tune": ("src.tune", tune, None), "compare": ("src.compare", compare, None)}
 
 
 def entry_points():
@@ -76,6 +77,33 @@ def test_project_run_logs_the_resolved_settings(tracking, distilbert_dir, data_f
     assert run.info.status == "FINISHED" and logged["strategy"] == "full" and "lora_r" not in logged
     assert float(logged["learning_rate"]) == DEFAULT_LEARNING_RATE["full"]
     assert logged["dataset"] == "train.parquet" and logged["train_size"] == "32"
+
+
+@pytest.mark.slow
+def test_the_head_strategy_runs_as_an_entry_point(tracking, distilbert_dir, data_files, tmp_path):
+    """`-e head`, the linear probe: only the classification head trains; the run's logged model holds
+    the head's tensors and names its base, and loads through the checked loader to the run's accuracy."""
+    import pandas as pd
+
+    from src.mlflow_io import serving
+    from tests.test_end_to_end import mlflow_run
+
+    params = {"model": distilbert_dir, "train_data": data_files[0], "test_data": data_files[1], "epochs": 1,
+              "checkpoint_dir": ""}
+    proc = mlflow_run("head", params, "head-probe", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [run] = tracking.search_runs([tracking.get_experiment_by_name("head-probe").experiment_id])
+    logged = run.data.params
+    assert run.data.tags["strategy"] == "head" and float(logged["learning_rate"]) == DEFAULT_LEARNING_RATE["head"]
+    assert int(logged["trainable_params"]) == (32 * 32 + 32) + (32 * 2 + 2)  # pre_classifier + classifier
+    assert run.data.tags["mlflow.note.content"].startswith("Classification head only: test acc")
+    (output,) = run.outputs.model_outputs
+    stored = serving.resolve(f"models:/{output.model_id}")
+    assert "artifacts/weights/head.safetensors" in stored.files
+    assert not [f for f in stored.files if f.endswith("model.safetensors")]  # the base is named, not copied
+    test = pd.read_parquet(data_files[1])
+    labels = serving.load(f"runs:/{run.info.run_id}/model").classify(test["text"].tolist())["label"]
+    assert (labels.astype(int) == test["label"]).mean() == pytest.approx(run.data.metrics["test/accuracy"])
 
 
 @pytest.mark.slow
@@ -185,3 +213,27 @@ def test_readme_and_make_runs_land_where_compare_reads():
     trains = [line for line in runs if " -e lora " in line or " -e full " in line]
     assert all(f"--experiment-name {CompareConfig().experiment_name} " in line for line in (t + " " for t in trains))
     assert f"MLFLOW_EXPERIMENT_NAME ?= {CompareConfig().experiment_name}" in (ROOT / "Makefile").read_text()
+
+
+def test_conda_and_python_envs_are_the_same_environment():
+    """MLflow runs the project from python_env.yaml; conda.yaml, for conda users, must say the same:
+    read both as MLflow reads them (its virtualenv and uv managers also read a conda file so)."""
+    from mlflow.utils.environment import _PythonEnv
+
+    conda = _PythonEnv.from_conda_yaml(str(ROOT / "conda.yaml")).to_dict()
+    assert conda == _PythonEnv.from_yaml(str(ROOT / "python_env.yaml")).to_dict()
+    assert yaml.safe_load((ROOT / "MLproject").read_text())["python_env"] == "python_env.yaml"
+
+
+def test_a_cpu_only_machine_can_take_torch_from_another_index(tmp_path):
+    """`make install TORCH_INDEX=...` sends pip there for torch alone; without it, pip's default index."""
+    def planned(*extra: str) -> list[str]:
+        out = subprocess.run(["make", "-n", "-B", f"VENV={tmp_path}/venv", f"{tmp_path}/venv/.installed", *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return [ln for ln in out.stdout.splitlines() if "install -q torch==" in ln]
+
+    [cpu] = planned("TORCH_INDEX=https://download.pytorch.org/whl/cpu")
+    assert cpu.endswith("torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
+    [default] = planned()
+    assert default.rstrip().endswith("torch==2.13.0")

@@ -8,23 +8,26 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.config import DataConfig, LoraConfig, RunConfig, TrainConfig
-from src.data import load_splits, tokenize
-from src.evaluate import (
+from src.base.config import DataConfig, LoraConfig, RunConfig, TrainConfig
+from src.core.data import load_splits, tokenize
+from src.core.evaluate import (
     Evaluation,
-    apply_temperature,
     brier_score,
     expected_calibration_error,
     fit_temperature,
     length_slices,
     slice_table,
 )
-from src.finetune import finetune
-from src.loop import fit, predict, seed_everything
-from src.modeling import build_model, load_tokenizer
-from src.serving import TextClassifier
+from src.core.inference import apply_temperature
+from src.core.loop import fit, predict, seed_everything
+from src.core.modeling import build_model, load_tokenizer
+from src.flows.finetune import finetune
+from src.mlflow_io.serving import TextClassifier
 from tests.builders import sentiment_frame
 from tests.conftest import artifact_paths
+
+# Trains models, starts servers or processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def overconfident(n, accuracy, seed):
@@ -156,12 +159,9 @@ def test_calibrated_weighted_run_is_logged_served_and_guarded(tracking, distilbe
     assert np.allclose(served, apply_temperature(raw, temperature), atol=1e-6)
     assert tracking.get_model_version_by_alias("calibrated-tiny", "champion").version == "1"
 
-    # a model folder whose label map or tokenizer differs from what training recorded refuses to load
-    folder = next(Path(mlflow.artifacts.download_artifacts("models:/calibrated-tiny/1", dst_path=str(tmp_path / "m")))
-                  .rglob("config.json")).parent
-    TextClassifier().load(str(folder), {"max_length": 128, "labels": ["0", "1"],
-                                        "tokenizer_hash": tags["tokenizer.hash"]})
+    # a model folder whose label map differs from what training recorded refuses to load
+    root = Path(mlflow.artifacts.download_artifacts("models:/calibrated-tiny/1", dst_path=str(tmp_path / "m")))
+    folder, config = root / "artifacts" / "weights", json.loads((root / "artifacts" / "classifier.json").read_text())
+    TextClassifier().load(str(folder), config)
     with pytest.raises(ValueError, match=r"has labels \['0', '1'\], its training recorded \['neg', 'pos'\]"):
-        TextClassifier().load(str(folder), {"max_length": 128, "labels": ["neg", "pos"]})
-    with pytest.raises(ValueError, match="is not the one this model was trained with"):
-        TextClassifier().load(str(folder), {"max_length": 128, "tokenizer_hash": "0" * 16})
+        TextClassifier().load(str(folder), {**config, "labels": ["neg", "pos"]})

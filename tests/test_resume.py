@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.checkpoint import Checkpointer
-from src.config import ConfigError
+from src.base.config import ConfigError
+from src.core.checkpoint import Checkpointer
 from tests.conftest import (
     ROOT,
     free_port,
@@ -30,6 +30,9 @@ from tests.conftest import (
     train_cmd,
     wait_for_metric,
 )
+
+# Trains models, starts servers or processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -67,7 +70,7 @@ def test_planted_checkpoint_is_refused_on_resume_and_never_runs(tracking, distil
 
 def test_checkpoint_of_earlier_releases_is_refused_not_unpickled(tmp_path):
     """Earlier releases pickled an Evaluation (numpy arrays) and numpy RNG state into last.pt."""
-    from src.evaluate import Evaluation
+    from src.core.evaluate import Evaluation
 
     run_id = "0" * 32
     (tmp_path / run_id).mkdir()
@@ -170,8 +173,20 @@ class RefusingProxy:
         metrics = json.loads(body or b"{}").get("metrics", [])
         return any(m["key"] == "train/loss" and int(m["step"]) in self.refuse for m in metrics)
 
+    @staticmethod
+    def body(request: BaseHTTPRequestHandler) -> bytes:
+        """requests sends an empty file (an artifact upload) chunked: read it to its end."""
+        if request.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            return request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        chunks = []
+        while size := int(request.rfile.readline().split(b";")[0], 16):
+            chunks.append(request.rfile.read(size))
+            request.rfile.readline()
+        request.rfile.readline()  # the empty line after the last chunk
+        return b"".join(chunks)
+
     def forward(self, request: BaseHTTPRequestHandler) -> None:
-        body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        body = self.body(request)
         if self.refused(request.path, body):
             self.refusals += 1
             request.send_response(500)
@@ -179,7 +194,8 @@ class RefusingProxy:
             request.end_headers()
             return
         conn = http.client.HTTPConnection("127.0.0.1", self.upstream, timeout=120)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "connection")}
+        hop = ("host", "connection", "transfer-encoding", "content-length")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in hop}
         conn.request(request.command, request.path, body, headers)
         response = conn.getresponse()
         data = response.read()

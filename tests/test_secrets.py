@@ -5,6 +5,7 @@ folder (sqlite database, artifacts, server log) and the captured stdout+stderr f
 decoded and percent-encoded forms (both contain TOKEN)."""
 
 import os
+import shlex
 import subprocess
 import sys
 import uuid
@@ -13,8 +14,11 @@ from urllib.parse import quote
 
 import pytest
 
-from src.urls import identity, mask, scrub
+from src.base.urls import identity, mask, scrub
 from tests.conftest import BIN, ROOT, free_port, start_mlflow_server, stop_mlflow_server
+
+# Trains models, starts servers or processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 TOKEN = uuid.uuid4().hex[:12]
 CANARY = f"s3cr3t-{TOKEN}/@x"  # '/' and '@' are where a regex mask used to stop
@@ -69,6 +73,10 @@ def client_of(url):
     (f"sqlite:////tmp/o.db?password={ENCODED}&timeout=5", "sqlite:////tmp/o.db?password=***&timeout=5"),
     (f"http://u:{ENCODED}@[::1]:5000/", "http://u:***@[::1]:5000/"),
     (f"http://u:{CANARY}@[::1]:5000/", "http://***@[::1]:5000/"),  # unreadable to SQLAlchemy: all user info
+    (f"http://tok-{TOKEN}@127.0.0.1:1", "http://***@127.0.0.1:1"),  # a token as the user: a secret in http(s)
+    (f"https://tok-{TOKEN}@mlflow.example.com/x", "https://***@mlflow.example.com/x"),
+    (f"http://tok@{TOKEN}@127.0.0.1:1", "http://***@127.0.0.1:1"),  # a raw "@" in the token
+    ("postgresql://alice@db/optuna", "postgresql://alice@db/optuna"),  # a database user is a name, not a secret
     ("sqlite:///optuna.db", "sqlite:///optuna.db"),
     ("study.log", "study.log"),
 ])
@@ -163,9 +171,91 @@ def test_tracking_uri_credentials_are_never_printed_or_stored(server, distilbert
              "--test-data", str(data_files[1]), *TINY, "--checkpoint-dir", "", "--experiment-name", "secret-uri"]
     proc, out = run(train, with_password, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"View run lora-r8-a32-lr5e-4 at: {url}/" in out  # MLflow prints the URI: without the password
+    # the project's link names the bare server; MLflow's own "View run ... at" lines are silenced
+    assert f"view in MLflow: {url}/#/experiments/" in out and "View run" not in out
     down = with_password.rsplit(":", 1)[0] + f":{free_port()}"
     refused, refused_out = run(train, down, tmp_path)
     # the credentials left the URI before anything ran: the error line names the bare server
     assert refused.returncode == 2 and "MLflow tracking server http://127.0.0.1:" in refused.stderr
     assert leaks(folder, out, refused_out) == []
+
+
+@pytest.mark.parametrize("userinfo, user, password", [
+    (f"u:{ENCODED}", "u", CANARY), (f"tok-{TOKEN}", f"tok-{TOKEN}", ""),
+])
+def test_tracking_uri_user_info_moves_to_the_variables_mlflow_never_prints(userinfo, user, password, monkeypatch):
+    from src.cli import move_tracking_credentials
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://{userinfo}@127.0.0.1:5000/")
+    move_tracking_credentials()
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000/"
+    # a token alone: username with an empty password, so MLflow's client sends no basic auth, as it
+    # sent none for the token in the URI (it needs both)
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == (user, password)
+
+
+def test_tracking_uri_secret_that_cannot_move_is_refused(monkeypatch, capsys):
+    from src.cli import move_tracking_credentials
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:5000/?token={TOKEN}")
+    with pytest.raises(SystemExit) as exit_:
+        move_tracking_credentials()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: MLFLOW_TRACKING_URI http://127.0.0.1:5000/?token=***")
+    assert TOKEN not in err
+
+
+def tiny_project_params(model_dir, data_files) -> list[str]:
+    settings = {"model": model_dir, "train_data": data_files[0], "test_data": data_files[1], "epochs": 1,
+                "batch_size": 16, "max_train_samples": 80, "max_test_samples": 40, "checkpoint_dir": ""}
+    return [x for k, v in settings.items() for x in ("-P", f"{k}={v}")]
+
+
+def test_make_and_the_launcher_never_print_tracking_credentials(server, distilbert_dir, data_files, tmp_path):
+    """`mlflow run` prints its tracking URI from a process this project's code never runs in: `make lora`
+    (a password) and `python -m src.launch` (a token alone, README's safe form) move it out first."""
+    folder, url = server
+    params = tiny_project_params(distilbert_dir, data_files)
+    venv = BIN.parent
+    make = ["make", "-C", str(ROOT), "lora", f"VENV={venv}", "-o", f"{venv}/.installed", f"ARGS={shlex.join(params)}"]
+    proc, out = run(make, url.replace("http://", f"http://u:{ENCODED}@"), tmp_path,
+                    MLFLOW_EXPERIMENT_NAME="secret-make")
+    assert proc.returncode == 0, out[-3000:]
+    # the command's one link, to the bare server; MLflow's own lines (parent and child) are silenced
+    assert out.count(f"view in MLflow: {url}/#/experiments/") == 1 and "View run" not in out
+    launch = [sys.executable, "-m", "src.launch", str(ROOT), "-e", "lora", "--env-manager", "local",
+              "--experiment-name", "secret-launch", *params]
+    token, token_out = run(launch, url.replace("http://", f"http://tok-{TOKEN}@"), tmp_path)
+    assert token.returncode == 0, token_out[-3000:]
+    client = client_of(url)
+    for experiment in ("secret-make", "secret-launch"):
+        [done] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        assert done.info.status == "FINISHED"
+    assert leaks(folder, out, token_out) == []
+
+
+def test_launcher_refuses_a_credential_in_a_parameter_before_mlflow_logs_it(server, tmp_path):
+    folder, url = server
+    launch = [sys.executable, "-m", "src.launch", str(ROOT), "-e", "tune", "--env-manager", "local",
+              "--experiment-name", "secret-param", "-P", f"storage=postgresql://u:{ENCODED}@db/optuna"]
+    proc, out = run(launch, url, tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: -P storage=postgresql://u:***@db/optuna holds"), out
+    assert client_of(url).get_experiment_by_name("secret-param") is None  # MLflow never started
+    assert leaks(folder, out) == []
+
+
+@pytest.mark.parametrize("userinfo", [f"u:{ENCODED}", f"tok-{TOKEN}"])
+def test_unreachable_tracking_server_error_names_it_without_user_info(userinfo, server, distilbert_dir, data_files,
+                                                                       tmp_path):
+    folder, _ = server
+    down = f"http://{userinfo}@127.0.0.1:{free_port()}"
+    for command in ([sys.executable, "-m", "src.train", "--model", str(distilbert_dir), "--train-data",
+                     str(data_files[0]), "--test-data", str(data_files[1])],
+                    [sys.executable, "-m", "src.launch", str(ROOT), "-e", "lora"]):
+        proc, out = run(command, down, tmp_path)
+        assert proc.returncode == 2, out[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: MLflow tracking server http://127.0.0.1:")
+        assert leaks(folder, out) == []

@@ -14,6 +14,9 @@ import pytest
 from tests.conftest import ROOT, free_port, start_mlflow_server, stop_mlflow_server
 from tests.postgres import create_database
 
+# Trains models, starts servers or processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 WORKERS, PER_WORKER = 3, 2
 
 
@@ -73,12 +76,21 @@ def test_one_worker_registers_the_study_winner(team_server, team_study, tmp_path
     assert len(registering) == 1 and registering[0]["version"] == "1"
     assert sum(r.get("registered_by") == "another worker" for r in results) == WORKERS - 1
     best = optuna.load_study(study_name="team", storage=storage).best_trial
-    assert versions[0].tags["optuna.trial"] == str(best.number)  # the winner of every worker's trials
+    # the winner of every worker's trials: its own logged model is the version
+    assert versions[0].run_id == best.user_attrs["mlflow_run_id"]
     # the registering worker finished last: its parent run's summary lists every trial of the study
-    parent = client.get_run(client.get_model_version("team-tiny", "1").run_id)
+    parent = registering_parent(client)
     table = Path(client.download_artifacts(parent.info.run_id, "study/trials.md", str(tmp_path))).read_text()
     assert {int(line.split("|")[1]) for line in table.splitlines()[2:]} == {
         t.number for t in optuna.load_study(study_name="team", storage=storage).trials}
+
+
+def registering_parent(client):
+    """The study run of the worker that registered: its description ends with the gate's decision."""
+    exp = client.get_experiment_by_name("tune-team")
+    parents = client.search_runs([exp.experiment_id], "tags.strategy = 'search'")
+    [parent] = [r for r in parents if "team-tiny: version 1 is" in r.data.tags.get("mlflow.note.content", "")]
+    return parent
 
 
 def test_artifacts_live_on_the_server_not_on_the_workers(team_server, team_study):
@@ -87,25 +99,30 @@ def test_artifacts_live_on_the_server_not_on_the_workers(team_server, team_study
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("tune-team")
     assert exp.artifact_location.startswith("mlflow-artifacts:")
-    run = client.get_run(client.get_model_version("team-tiny", "1").run_id)
+    run = registering_parent(client)
     stored = Path(destination, exp.experiment_id, run.info.run_id, "artifacts", "study", "trials.md")
     assert stored.is_file()
+    version = client.get_model_version("team-tiny", "1")
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert Path(destination, model.artifact_location.removeprefix("mlflow-artifacts:/"), "MLmodel").is_file()
     assert [p for home in homes for p in home.rglob("*") if p.is_file()] == []  # no mlruns, no mlflow.db
 
 
 def test_registered_model_pins_only_what_an_index_serves(team_server, team_study):
     """`mlflow models serve` and `build-docker` pip-install these; a local label (+cpu) is on no index.
-    One worker logged a model (the registering one), and the server holds it."""
-    [found] = Path(team_server[1]).rglob("requirements.txt")
-    pins = [line for line in found.read_text().splitlines() if "==" in line]
-    assert {pin.split("==")[0] for pin in pins} >= {"mlflow", "torch", "transformers"}
-    assert not [pin for pin in pins if "+" in pin], pins
+    Every trial logged its model, and the server holds them all."""
+    found = list(Path(team_server[1]).rglob("requirements.txt"))
+    assert found
+    for file in found:
+        pins = [line for line in file.read_text().splitlines() if "==" in line]
+        assert {pin.split("==")[0] for pin in pins} >= {"mlflow", "torch", "transformers", "peft"}
+        assert not [pin for pin in pins if "+" in pin], pins
 
 
 def test_registration_is_claimed_once_per_finished_study(tmp_path):
     """The claim a worker takes before registering: none while a trial runs, one per number of finished
     trials, and given back when the registration fails."""
-    from src.tune import claim_registration, registration_claim
+    from src.flows.search import claim_registration, registration_claim
 
     storage = f"sqlite:///{tmp_path}/o.db"
     study = optuna.create_study(study_name="claims", storage=storage)

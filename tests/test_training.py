@@ -1,11 +1,13 @@
 """The loop itself, tracking off (NullLogger)."""
 
+import math
+
 import pytest
 
-from src.config import DataConfig, LoraConfig, TrainConfig
-from src.data import load_splits, tokenize
-from src.loop import fit, seed_everything
-from src.modeling import build_model, load_tokenizer
+from src.base.config import DataConfig, LoraConfig, TrainConfig
+from src.core.data import load_splits, tokenize
+from src.core.loop import fit, seed_everything
+from src.core.modeling import build_model, load_tokenizer
 
 
 def _fit(model_dir, data_files, strategy, lr, seed=0, epochs=3):
@@ -66,12 +68,30 @@ def test_early_stopping_and_best_epoch(distilbert_dir, data_files):
     assert result.best_epoch == best["epoch"]
 
 
+@pytest.mark.parametrize("metric", ["ece", "f1"])
+def test_the_selection_metric_is_read_in_its_direction(distilbert_dir, data_files, metric):
+    """ECE is lower-is-better, F1 higher: the epoch kept is the best in the metric's own direction
+    (declared once, in names.DIRECTION, which the search's direction reads too)."""
+    from src.base.names import DIRECTION
+
+    splits = load_splits(DataConfig(train_data=str(data_files[0]), test_data=str(data_files[1])))
+    tok = load_tokenizer(str(distilbert_dir))
+    train, val = tokenize(splits.train, tok, 128), tokenize(splits.val, tok, 128)
+    seed_everything(0)
+    model = build_model(str(distilbert_dir), "lora", splits.labels, LoraConfig())
+    result = fit(model, train, val, TrainConfig(epochs=3, batch_size=16, selection_metric=metric), 2e-3, 2,
+                 tok.pad_token_id)
+    pick = min if DIRECTION[metric] == "min" else max
+    assert result.best_epoch == pick(result.history, key=lambda h: h[metric])["epoch"]
+    assert len({round(h[metric], 6) for h in result.history}) > 1  # the epochs differ: the choice meant something
+
+
 def _attention_ops(model_dir, attention_dropout) -> set[str]:
     """The attention kernels one training step of the default setup dispatches to."""
     import torch
     from torch.profiler import profile
 
-    from src.config import ModelConfig
+    from src.base.config import ModelConfig
 
     value = ModelConfig().attention_dropout if attention_dropout == "default" else attention_dropout
     model = build_model(str(model_dir), "lora", ["0", "1"], LoraConfig(), value).train()
@@ -100,7 +120,7 @@ def test_default_training_step_uses_fused_attention(distilbert_dir, bert_dir):
     ({"avx512_f": False, "avx512_bf16": False, "amx_bf16": False}, "fp32", "without bf16"),
 ])
 def test_auto_precision_on_cpu_is_bf16_only_where_native(facts, chosen, why):
-    from src.loop import auto_cpu_precision
+    from src.core.loop import auto_cpu_precision
 
     name, reason = auto_cpu_precision(facts)
     assert name == chosen and why in reason
@@ -109,7 +129,7 @@ def test_auto_precision_on_cpu_is_bf16_only_where_native(facts, chosen, why):
 def test_auto_precision_on_this_cpu_follows_its_flags():
     import torch
 
-    from src.loop import cpu_bf16_facts, precision_choice
+    from src.core.loop import cpu_bf16_facts, precision_choice
 
     facts = cpu_bf16_facts()
     dtype, reason = precision_choice("auto", torch.device("cpu"))
@@ -117,47 +137,28 @@ def test_auto_precision_on_this_cpu_follows_its_flags():
     assert precision_choice("fp32", torch.device("cpu")) == (torch.float32, "set")
 
 
-def _step_losses(model_dir, data_files, **settings):
-    """Three optimizer steps of full fine-tuning in fp32 without dropout (compiled code draws other
-    random numbers than eager, so dropout would make the two differ by design, not by error)."""
-    import torch
-
+def _bucketed_fit(model_dir, data_files, bucket_width: int):
+    """Three optimizer steps of full fine-tuning in fp32, recording the training loss of each."""
     splits = load_splits(DataConfig(train_data=str(data_files[0]), test_data=str(data_files[1]),
                                     max_train_samples=48, max_val_samples=16))
     tok = load_tokenizer(str(model_dir))
     train, val = tokenize(splits.train, tok, 128), tokenize(splits.val, tok, 128)
     seed_everything(0)
     model = build_model(str(model_dir), "full", splits.labels, LoraConfig())
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    cfg = TrainConfig(epochs=1, batch_size=16, logging_steps=1, precision="fp32", bucket_width=64, **settings)
-    losses = []
-
-    class Recorder:
-        def log_metrics(self, values, step):  # noqa: ARG002 - fit passes step=
-            losses.extend(v for k, v in values.items() if k == "train/loss")
-
-        def flush(self):
-            pass
-
-    return fit(model, train, val, cfg, 1e-3, 2, tok.pad_token_id, logger=Recorder()), losses
+    cfg = TrainConfig(epochs=1, batch_size=16, logging_steps=1, precision="fp32", bucket_width=bucket_width)
+    recorder = Recorder()
+    result = fit(model, train, val, cfg, 1e-3, 2, tok.pad_token_id, logger=recorder)
+    return result, [v["train/loss"] for _, v in recorder.seen if "train/loss" in v]
 
 
-def test_compiled_steps_follow_the_eager_loss_trajectory(distilbert_dir, data_files):
-    """The slowest test of this file (about 30-60 s on 2 CPU cores): inductor compiles the tiny
-    model's training step and its evaluation forward once each, for one batch shape."""
-    from src.loop import throughput
-
-    eager, eager_losses = _step_losses(distilbert_dir, data_files, compile="off")
-    compiled, compiled_losses = _step_losses(distilbert_dir, data_files, compile="default")
-    assert len(eager_losses) == len(compiled_losses) == 3
-    # fp32 both ways; inductor reorders sums, so equal to about 1e-6, not bit for bit.
-    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
-    assert eager_losses[0] != pytest.approx(eager_losses[-1], rel=1e-3)  # the weights did change
-    assert compiled.best_val.probs == pytest.approx(eager.best_val.probs, abs=1e-4)
-    assert eager.warmup_seconds == 0 and compiled.warmup_seconds > 0 and compiled.warmup_samples == 16
-    assert throughput(compiled)["train/warmup_s"] == compiled.warmup_seconds
+def test_bucketed_training_sees_every_text_once_at_rounded_widths(distilbert_dir, data_files):
+    plain, plain_losses = _bucketed_fit(distilbert_dir, data_files, 0)
+    bucketed, losses = _bucketed_fit(distilbert_dir, data_files, 64)
+    assert len(plain_losses) == len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert plain.samples_seen == bucketed.samples_seen == 48
+    assert plain.real_tokens_seen == bucketed.real_tokens_seen
+    assert bucketed.padded_tokens_seen >= plain.padded_tokens_seen  # widths rounded up, never past the longest
+    assert bucketed.padded_tokens_seen <= 48 * 128
 
 
 def test_training_loss_is_logged_every_epoch_whatever_logging_steps(distilbert_dir, data_files):
@@ -175,8 +176,8 @@ def test_training_loss_is_logged_every_epoch_whatever_logging_steps(distilbert_d
 
 
 def test_a_resume_may_change_where_it_runs_not_what_it_learns():
-    from src.checkpoint import check_settings
-    from src.config import ConfigError, RunConfig
+    from src.base.config import ConfigError, RunConfig
+    from src.core.checkpoint import check_settings
 
     saved = RunConfig().flat()
     check_settings(saved, {**saved, "device": "cuda:1", "system_metrics": False, "dist_timeout": 60}, "r1")
@@ -188,7 +189,7 @@ def test_a_resume_may_change_where_it_runs_not_what_it_learns():
 def test_device_cuda_without_an_index_is_the_current_gpu():
     import torch
 
-    from src.loop import pick_device
+    from src.core.loop import pick_device
 
     assert pick_device("cuda") == torch.device("cuda", torch.cuda.current_device())
     assert pick_device("cuda:0") == torch.device("cuda", 0)

@@ -11,9 +11,12 @@ import mlflow
 import optuna
 import pytest
 
-from src.config import RunConfig, TuneConfig
-from src.tune import run_study
+from src.base.config import RunConfig, TuneConfig
+from src.flows.search import run_study
 from tests.conftest import ROOT
+
+# Trains models, starts servers or processes: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def base_cfg(model_dir, data_files, experiment, **over):
@@ -47,17 +50,33 @@ def test_study_makes_one_parent_and_a_child_per_trial(tracking, first_study):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert sorted(int(c.data.tags["optuna.trial"]) for c in children) == [0, 1, 2]
     assert all(c.data.tags["optuna.state"] == "COMPLETE" and c.info.status == "FINISHED" for c in children)
-    # a trial run carries what a `lora` run carries
-    child = children[0]
-    assert {"val/accuracy", "val/best_accuracy", "train/loss", "train/samples_per_s"} <= set(child.data.metrics)
-    assert "lora_r" in child.data.params and "trainable_params" in child.data.params
-    assert not any(k.startswith("test/") for k in child.data.metrics)  # the search never sees test
-    # the parent: study settings, best params and value, figures, winner's test metrics
+    assert sorted(c.info.run_name.split()[0] for c in children) == ["t00", "t01", "t02"]
+    assert all(c.info.run_name.split()[1:3] == ["lora", f"r{c.data.params['lora_r']}"] for c in children)
+    # a trial run carries what a `lora` run carries, its logged model included
+    winner = next(c for c in children if c.info.run_id == result["best_run_id"])
+    for child in children:
+        assert {"val/accuracy", "val/best_accuracy", "train/loss", "train/samples_per_s"} <= set(child.data.metrics)
+        assert "lora_r" in child.data.params and "trainable_params" in child.data.params
+        assert len(child.outputs.model_outputs) == 1
+        # the search never sees test: only its winner is scored on it, once, after the search
+        assert any(k.startswith("test/") for k in child.data.metrics) == (child is winner)
+    assert winner.data.metrics["test/accuracy"] == pytest.approx(result["test"]["accuracy"])
+    # the parent: study settings, best params and value, figures; its description tells the story
     best = optuna.load_study(study_name="first", storage=storage).best_trial
     assert parent.data.params["best_lora_r"] == str(best.params["lora_r"])
     assert parent.data.metrics["best/val_accuracy"] == pytest.approx(best.value)
     assert parent.data.params["n_trials"] == "3" and parent.data.params["pruner"] == "none"
-    assert "test/accuracy" in parent.data.metrics
+    assert not any(k.startswith("test/") for k in parent.data.metrics)
+    # the study's row names the model it chose: an external model standing for its winner's
+    (stands_for,) = tracking.search_logged_models([parent.info.experiment_id],
+                                                  filter_string=f"source_run_id = '{parent.info.run_id}'")
+    assert stands_for.name == "winner" and stands_for.tags["winner.run_id"] == winner.info.run_id
+    assert stands_for.tags["winner.model_id"] == winner.outputs.model_outputs[0].model_id
+    assert stands_for.params["lora_r"] == winner.data.params["lora_r"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith(f"Study first: best {winner.info.run_name}: val accuracy {best.value:.4f}, test accuracy "
+                           f"{result['test']['accuracy']:.4f}"), note
+    assert "trials 3 complete, 0 pruned, 0 failed. tuned-tiny: version 1 is champion" in note
     files = {a.path for a in tracking.list_artifacts(parent.info.run_id, "study")}
     assert {"study/optimization_history.png", "study/rank_vs_alpha.png", "study/trials.md"} <= files
     assert result["best_run_id"] in {c.info.run_id for c in children}
@@ -67,8 +86,11 @@ def test_winner_is_registered_as_champion_and_predicts_offline(tracking, first_s
     result, _ = first_study
     version = tracking.get_model_version_by_alias("tuned-tiny", "champion")
     assert version.version == result["version"] == "1"
-    assert version.tags["optuna.study"] == "first" and version.tags["trial_run_id"] == result["best_run_id"]
-    assert version.tags["evidence.note"] == "first champion of this model" and version.tags["decision"] == "champion"
+    assert version.run_id == result["best_run_id"]  # the winning trial's own logged model, not a copy
+    assert version.tags["decision"] == "champion" and len(version.tags) <= 8
+    assert version.description.startswith("tuned-tiny: version 1 is champion: test accuracy")
+    assert result["decision"]["note"] == "first champion of this model"
+    assert result["decision"]["submitted"] == {"optuna.study": "first", "optuna.trial": result["best_trial"]}
     import pandas as pd
 
     model = mlflow.pyfunc.load_model("models:/tuned-tiny@champion")
@@ -94,11 +116,10 @@ def test_study_no_better_than_champion_becomes_challenger(tracking, first_study,
     assert version.tags["decision"] == "challenger" and "evidence.p_value" in version.tags
     # test not scored: the winner's logged model carries its validation metrics, tied to the validation set
     parent = next(r for r in runs_of(tracking, "tune-worse") if "optuna.trial" not in r.data.tags)
-    (output,) = parent.outputs.model_outputs
+    (output,) = tracking.get_run(result["best_run_id"]).outputs.model_outputs
     linked = {m.key: m for m in tracking.get_logged_model(output.model_id).metrics if m.dataset_name}
-    # the rebuilt winner scores validation as its trial did
     assert linked["val/best_accuracy"].value == pytest.approx(parent.data.metrics["best/val_accuracy"])
-    assert linked["val/best_accuracy"].dataset_name == "train.parquet-validation"
+    assert linked["val/best_accuracy"].dataset_name == "train-validation"
 
 
 def test_pruning_prunes_a_bad_region(tracking, distilbert_dir, data_files, tmp_path):
@@ -124,8 +145,8 @@ def test_pruning_prunes_a_bad_region(tracking, distilbert_dir, data_files, tmp_p
 def test_orphan_sweep_spares_a_live_trial_of_the_same_study_name_on_another_storage(tracking, tmp_path):
     """Two teams, one study name, two storages: trial numbers mean different trials, so a sweep
     closes only runs of its own storage."""
-    from src.tune import close_orphans
-    from src.urls import identity
+    from src.base.urls import identity
+    from src.flows.search import close_orphans
 
     mine, theirs = f"sqlite:///{tmp_path}/mine.db", f"sqlite:///{tmp_path}/theirs.db"
     live = optuna.create_study(study_name="same", storage=theirs)
@@ -272,13 +293,13 @@ def test_journal_file_storage(tracking, distilbert_dir, data_files, tmp_path):
 
 def test_strategy_search_draws_a_cost_quality_front(tracking, distilbert_dir, data_files, tmp_path):
     """Full fine-tuning against LoRA, two objectives: validation accuracy and trainable parameters."""
-    from src.compare import pareto_front
+    from src.flows.report import pareto_front
 
     storage = f"sqlite:///{tmp_path}/o.db"
     tc = TuneConfig(n_trials=4, study_name="frontier", storage=storage, strategy_choices="full,lora",
                     objectives="metric,trainable_params", full_learning_rate_range="1e-3,1e-3",
                     learning_rate_range="5e-3,5e-3", lora_r_choices="2,8", target_module_choices="auto",
-                    sampler_seed=3, evaluate_test=False)
+                    sampler_seed=3)
     result = run_study(base_cfg(distilbert_dir, data_files, "tune-frontier", epochs=1,
                                 registered_model_name="frontier-tiny"), tc)
     study = optuna.load_study(study_name="frontier", storage=storage)
@@ -292,17 +313,18 @@ def test_strategy_search_draws_a_cost_quality_front(tracking, distilbert_dir, da
     assert parent.data.params["pareto_trials"] == ",".join(map(str, expected))
     assert {"study/pareto_front.png", "study/pareto_front.json"} <= {
         a.path for a in tracking.list_artifacts(parent.info.run_id, "study")}
-    # every full trial kept its weights, so a full winner can be registered; the registered winner
-    # is the front's best-accuracy trial
+    # every trial logged its model (full fine-tuning's whole weights, LoRA's adapter), so either can be
+    # registered; the registered winner is the front's best-accuracy trial
     for r in runs:
-        if r.data.tags.get("strategy") == "full":
-            assert "weights/model.safetensors" in {a.path for a in tracking.list_artifacts(r.info.run_id, "weights")}
+        if "optuna.trial" in r.data.tags:
+            (output,) = r.outputs.model_outputs
+            assert tracking.get_logged_model(output.model_id).model_type == r.data.tags["strategy"]
     best = max((t for t, f in zip(trials, on_front, strict=True) if f), key=lambda t: t.values[0])
     assert result["best_trial"] == best.number and result["alias"] == "champion"
 
 
 def test_a_study_keeps_its_objectives(tracking, distilbert_dir, data_files, tmp_path):
-    from src.config import ConfigError
+    from src.base.config import ConfigError
 
     storage = f"sqlite:///{tmp_path}/o.db"
     optuna.create_study(study_name="single", storage=storage, direction="maximize")
@@ -315,16 +337,16 @@ def test_a_study_keeps_its_objectives(tracking, distilbert_dir, data_files, tmp_
 
 def test_full_only_search_registers_from_weights(tracking, distilbert_dir, data_files, tmp_path):
     tc = TuneConfig(n_trials=1, study_name="full-only", storage=f"sqlite:///{tmp_path}/o.db", pruner="none",
-                    strategy_choices="full", full_learning_rate_range="1e-3,1e-3", evaluate_test=False)
+                    strategy_choices="full", full_learning_rate_range="1e-3,1e-3")
     result = run_study(base_cfg(distilbert_dir, data_files, "tune-full-only", epochs=1,
                                 registered_model_name="full-only-tiny"), tc)
     assert result["alias"] == "champion" and result["best_params"] == {}
     version = tracking.get_model_version("full-only-tiny", result["version"])
-    assert version.tags["param.strategy"] == "full"
+    assert tracking.get_run(version.run_id).data.tags["strategy"] == "full"
 
 
 def test_pareto_front_marks_only_non_dominated_points():
-    from src.compare import pareto_front
+    from src.flows.report import pareto_front
 
     quality = [0.90, 0.85, 0.80, 0.92, 0.85, float("nan")]
     cost = [1e5, 1e5, 5e4, 2e7, 3e5, 10]

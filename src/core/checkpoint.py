@@ -19,19 +19,13 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from ..base.config import ConfigError, all_fields, may_change_on_resume
+from .evaluate import Evaluation
 
 FILE = "last.pt"
 LOCK = "lock"
 # 2: tensors and plain values only. Files without it were written by releases that pickled objects.
 FORMAT = 2
-# Settings that may differ between the interrupted run and its resumption.
-MAY_CHANGE = {"resume_run_id", "checkpoint_steps", "eval_batch_size", "logging_steps", "temperature_scaling",
-              "registered_model_name", "promotion_alpha", "max_batch_size",
-              # where it runs and what it samples, not what it learns: a run may resume on another device
-              "device", "dist_timeout", "system_metrics"}
-
-
 class CheckpointError(ConfigError):
     """A checkpoint cannot be written or read; one line, like every refusal the CLI prints."""
 
@@ -59,7 +53,6 @@ def _plain(value: Any) -> Any:
 
 
 def _evaluation(saved: dict | None):
-    from .evaluate import Evaluation
 
     if saved is None:
         return None
@@ -311,12 +304,11 @@ def check_space(folder: str | Path, trainable: int) -> int:
 
 def check_settings(saved: dict[str, Any], config: dict[str, Any], run_id: str) -> None:
     """The resuming command must use the settings the run was started with."""
-    from .config import all_fields
 
     # A setting added after the checkpoint was written had its default then.
     defaults = {f.name: f.default for f in all_fields()}
     changed = sorted(k for k in set(saved) | set(config)
-                     if k not in MAY_CHANGE and str(saved.get(k, defaults.get(k))) != str(config.get(k)))
+                     if k not in may_change_on_resume() and str(saved.get(k, defaults.get(k))) != str(config.get(k)))
     if changed:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed[:4])
         raise ConfigError(f"run {run_id} was started with other settings ({shown}); resume it with the same ones")

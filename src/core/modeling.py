@@ -1,44 +1,13 @@
-"""Base encoder + strategy: every weight ('full') or LoRA adapters plus the classification head."""
+"""The base encoder, loaded and checked, and wrapped by the run's strategy (strategies.py) for training."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
 
-from .config import ConfigError, LoraConfig
-
-# Attention projections LoRA adapts by default, per `config.model_type`.
-LORA_TARGETS = {
-    "distilbert": ["q_lin", "k_lin", "v_lin"],
-    "bert": ["query", "key", "value"],
-    "roberta": ["query", "key", "value"],
-    "xlm-roberta": ["query", "key", "value"],
-    "camembert": ["query", "key", "value"],
-    "electra": ["query", "key", "value"],
-    "albert": ["query", "key", "value"],
-    "deberta-v2": ["query_proj", "key_proj", "value_proj"],
-    "deberta": ["in_proj"],
-    "mpnet": ["q", "k", "v"],
-    "modernbert": ["Wqkv"],
-}
-
-# The attention output projection, added by `lora_target_modules=attention-output`.
-ATTENTION_OUTPUT = {
-    "distilbert": ["out_lin"],
-    "mpnet": ["o"],
-    "modernbert": ["Wo"],
-}
-DEFAULT_ATTENTION_OUTPUT = ["attention.output.dense"]  # BERT family, DeBERTa
-
-# Freshly initialised head modules that must train in full and be saved with the adapter.
-# DistilBERT's head is two layers; training both is what gives the seed's 0.81M trainable parameters.
-HEAD_MODULES = {
-    "distilbert": ["pre_classifier", "classifier"],
-    "deberta-v2": ["pooler", "classifier"],
-    "deberta": ["pooler", "classifier"],
-    "modernbert": ["head", "classifier"],
-}
-DEFAULT_HEAD = ["classifier", "score"]
+from ..base import hub, strategies
+from ..base.config import ConfigError, LoraConfig
+from ..base.integrity import refuse_code
 
 # What architectures call the dropout on attention probabilities in their config.
 ATTENTION_DROPOUT_NAMES = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")
@@ -66,18 +35,6 @@ def count_params(model) -> ParamCount:
     return ParamCount(trainable, total)
 
 
-def resolve_targets(model_type: str, lora: LoraConfig) -> list[str] | str:
-    targets = lora.target_modules()
-    if isinstance(targets, list) or targets == "all-linear":
-        return targets
-    if model_type not in LORA_TARGETS:
-        raise ConfigError(f"no default LoRA targets for model type {model_type!r}; "
-                          f"pass --lora-target-modules (names or all-linear)")
-    if targets == "attention-output":
-        return LORA_TARGETS[model_type] + ATTENTION_OUTPUT.get(model_type, DEFAULT_ATTENTION_OUTPUT)
-    return LORA_TARGETS[model_type]
-
-
 def load_config(name: str):
     from transformers import AutoConfig
 
@@ -94,6 +51,8 @@ def check_weights(name: str) -> None:
     from pathlib import Path
 
     folder = Path(name)
+    if folder.is_dir():
+        refuse_code(folder, f"model folder {name!r}")
     if not folder.is_dir() or any(folder.glob("*.safetensors")):
         return
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -111,18 +70,6 @@ def length_limit(config, tokenizer) -> int:
     return int(getattr(config, "max_position_embeddings", 512))
 
 
-def check_targets(config, lora: LoraConfig) -> list[str] | str:
-    """Resolve and check LoRA targets from the architecture alone (meta device: no weights read)."""
-    targets = resolve_targets(config.model_type, lora)
-    if isinstance(targets, list):
-        names = [n for n, _ in _skeleton(config).named_modules()]
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-        if missing:
-            raise ConfigError(f"LoRA targets {missing} do not match modules of {config.model_type!r}; "
-                              f"pass --lora-target-modules with names from the model or all-linear")
-    return targets
-
-
 def planned_params(config, strategy: str, lora: LoraConfig, num_labels: int) -> ParamCount:
     """Trainable and total parameters of the model a run will build, from the architecture alone
     (meta device), so checkpoint sizes are known before any weight loads."""
@@ -130,20 +77,9 @@ def planned_params(config, strategy: str, lora: LoraConfig, num_labels: int) -> 
 
     config = copy.deepcopy(config)
     config.num_labels = num_labels
-    model = _skeleton(config)
-    if strategy == "lora":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # peft probes a deprecated transformers property
-            model = wrap_lora(model, lora)
-    return count_params(model)
-
-
-def _skeleton(config):
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft probes a deprecated transformers property
+        return count_params(strategies.get(strategy).wrap(strategies.skeleton(config), lora))
 
 
 def load_tokenizer(name: str):
@@ -154,10 +90,8 @@ def load_tokenizer(name: str):
     except Exception as exc:  # noqa: BLE001
         from pathlib import Path
 
-        from .data import offline_fix
-
-        hint = "" if Path(name).is_dir() else f"; offline? {offline_fix()}"
-        raise ConfigError(f"could not load a tokenizer from {name!r} ({str(exc).splitlines()[0]}){hint}") from exc
+        hint = "" if Path(name).is_dir() else f"; {hub.hint(name)}"
+        raise ConfigError(f"could not load a tokenizer from {name!r} ({str(exc).splitlines()[0][:200]}){hint}") from exc
 
 
 def attention_dropout_override(config, attention_dropout: float | None) -> dict:
@@ -179,8 +113,8 @@ def attention_dropout_override(config, attention_dropout: float | None) -> dict:
 
 def build_model(name: str, strategy: str, labels: list[str], lora: LoraConfig,
                 attention_dropout: float | None = None):
-    """Return the model to train; for LoRA a PeftModel whose head trains and saves with it.
-    `attention_dropout` None keeps the checkpoint's value."""
+    """The classifier to train, wrapped by its strategy (for LoRA a PeftModel whose head trains and
+    saves with it). `attention_dropout` None keeps the checkpoint's value."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -203,41 +137,5 @@ def build_model(name: str, strategy: str, labels: list[str], lora: LoraConfig,
         )
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"could not load model {name!r} ({str(exc).splitlines()[0]})") from exc
-    if strategy == "full":
-        return model
-    return wrap_lora(model, lora)
+    return strategies.get(strategy).wrap(model, lora)
 
-
-def wrap_lora(model, lora: LoraConfig):
-    import warnings
-
-    import peft
-
-    # peft asks transformers for its deprecated `is_gradient_checkpointing` on every PeftModel
-    # (peft_model.py); nothing the project does can avoid it, so it is not shown.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-    model_type = model.config.model_type
-    targets = resolve_targets(model_type, lora)
-    head = [m for m in HEAD_MODULES.get(model_type, DEFAULT_HEAD)
-            if any(n == m or n.endswith("." + m) for n, _ in model.named_modules())]
-    config = peft.LoraConfig(
-        task_type=peft.TaskType.SEQ_CLS,
-        r=lora.lora_r,
-        lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.lora_dropout,
-        target_modules=targets,
-        modules_to_save=head,
-    )
-    try:
-        return peft.get_peft_model(model, config)
-    except ValueError as exc:
-        raise ConfigError(f"LoRA targets {targets} do not match modules of {model_type!r} "
-                          f"({str(exc).splitlines()[0]})") from exc
-
-
-def servable(model):
-    """A plain transformers model: LoRA merged into the base weights, so it loads with no peft and no base."""
-    if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
-    return model

@@ -1,6 +1,10 @@
 """URLs that may carry a password (Optuna storage, MLflow tracking URI): masked for display, hashed
 for identity, and every password seen scrubbed from text before it is printed or logged.
 
+In an http(s) URL any user info is a credential: `https://TOKEN@host` carries a token as its user,
+so a user without a password is masked and scrubbed like a password. Elsewhere a user alone is a
+name (`postgresql://alice@db/optuna`, the password in PGPASSWORD) and stays visible.
+
 Parsed with SQLAlchemy's URL object, which decodes percent-encoded passwords (`/` as %2F, `@` as
 %40). Imported lazily: `--help` and argument errors stay instant.
 """
@@ -15,6 +19,7 @@ from urllib.parse import quote
 # Query arguments that hold credentials (libpq takes `?password=`, others token/secret/key).
 SECRET_QUERY = re.compile(r"pass|pwd|secret|token|key", re.IGNORECASE)
 MASK = "***"
+HTTP = ("http", "https")
 _SEEN: set[str] = set()  # every password mask() has met, raw and percent-encoded
 
 
@@ -40,6 +45,13 @@ def _parse(url: str):
     return parsed
 
 
+def _token(parsed) -> str | None:
+    """The user of an http(s) URL without a password: a token, not a name."""
+    if parsed.drivername in HTTP and parsed.username and parsed.password is None:
+        return parsed.username
+    return None
+
+
 def _remember(secret: str | None) -> None:
     # Shorter ones are masked in URLs but not scrubbed from free text, where "pw" would mangle words.
     if secret and len(secret) >= 4:
@@ -54,10 +66,15 @@ def mask(url: str) -> str:
         if "://" in url and "@" in url:  # a URL SQLAlchemy cannot read: hide all that may be user info
             scheme, rest = url.split("://", 1)
             userinfo, host = rest.rsplit("@", 1)
-            _remember(userinfo.partition(":")[2])
+            user, colon, password = userinfo.partition(":")
+            _remember(password if colon else user if scheme.lower() in HTTP else None)
             return f"{scheme}://{MASK}@{host}"
         return url
     _remember(parsed.password)
+    token = _token(parsed)
+    if token:
+        _remember(token)
+        parsed = parsed.set(username=MASK)
     hidden = {k: MASK for k in parsed.query if SECRET_QUERY.search(k)}
     for k in hidden:
         values = parsed.query[k]
@@ -104,11 +121,22 @@ def identity(url: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def without_credentials(url: str) -> tuple[str, str | None, str | None]:
-    """(the URL without user and password, the user, the password); the URL unchanged without them."""
+def holds_credentials(url: str) -> bool:
+    """True when mask() would hide something: a password, an http(s) token or a secret query value."""
     parsed = _parse(url)
-    if parsed is None or parsed.password is None:
+    if parsed is None:
+        return "://" in url and "@" in url
+    return (parsed.password is not None or _token(parsed) is not None
+            or any(SECRET_QUERY.search(k) for k in parsed.query))
+
+
+def without_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(the URL without user info, the user, the password); the URL unchanged without user info.
+    An http(s) token (`https://TOKEN@host`) comes back as the user, with password None."""
+    parsed = _parse(url)
+    if parsed is None or (not parsed.username and parsed.password is None):
         return url, None, None
     _remember(parsed.password)
+    _remember(_token(parsed))
     bare = parsed._replace(username=None, password=None)  # URL.set() takes None as "keep"
     return bare.render_as_string(hide_password=False), parsed.username, parsed.password

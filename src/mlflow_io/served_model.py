@@ -6,6 +6,6 @@ the project's own loader (`serving.load`) never does.
 
 import mlflow
 
-from src.serving import TextClassifier
+from src.mlflow_io.serving import TextClassifier
 
 mlflow.models.set_model(TextClassifier())

@@ -1,10 +1,11 @@
 """Every MLflow call of a training run (naming, params, metrics, figures, lineage, models) and the
 checks every command shares (reachability, experiments).
 
-Other modules call MLflow for their own kind of record, each saying so in its docstring: registry.py
-(the Model Registry), serving.py (reading model files), tune.py (a search's parent run and its trials' tags),
-compare.py (reading runs; the report's run), serve.py (a local copy of a model for `mlflow models
-serve`), cli.py (a refused `mlflow run` marked FAILED).
+Other modules call MLflow for their own kind of record, each saying so in its docstring: gate.py
+(the Model Registry) and serving.py (a logged model's files) beside this one; flows/search.py (a
+search's parent run and its trials' tags), flows/report.py (reading runs; the report's run), and the
+commands serve.py (a local copy of a model for the scoring server) and cli.py (a refused `mlflow run`
+marked FAILED). Nothing in core/ or base/ imports MLflow (tests/test_structure.py).
 
 The tracking URI comes from MLflow's own resolution: `MLFLOW_TRACKING_URI` (e.g. http://host:5000)
 or, unset, the embedded `sqlite:///mlflow.db` in the working directory.
@@ -24,9 +25,24 @@ from typing import Any
 
 import mlflow
 
-from . import signals
-from .config import ConfigError, RunConfig
-from .names import STRATEGY
+from ..base import signals, strategies
+from ..base.config import ConfigError, RunConfig, all_fields
+from ..base.names import (
+    BEST_EPOCH,
+    EXPERIMENT_KIND,
+    MODEL,
+    MODEL_TRAINING,
+    RESULTS_COLUMNS,
+    RESULTS_VIEW,
+    RUNS_VIEW,
+    STRATEGY,
+)
+from ..base.urls import mask, scrub
+from ..core import evaluate
+from ..core.checkpoint import existing_ancestor
+from ..core.data import fingerprint, tokenizer_hash
+from ..core.loop import throughput
+from . import serving
 
 
 def check_reachable(timeout: float = 5.0) -> None:
@@ -36,8 +52,6 @@ def check_reachable(timeout: float = 5.0) -> None:
     and auth (MLFLOW_TRACKING_TOKEN, username/password, auth plugins) apply; retries and timeout are
     MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT when set, else none and `timeout`."""
     from mlflow.exceptions import MlflowException
-
-    from .config import ConfigError
 
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
@@ -118,8 +132,6 @@ def local_path(uri: str) -> Path | None:
 
 
 def _check_writable(path: Path, what: str) -> None:
-    from .checkpoint import existing_ancestor
-    from .config import ConfigError
 
     if not os.access(existing_ancestor(path), os.W_OK):
         raise ConfigError(f"{what} ({path}) is not writable by this user; fix its permissions or point "
@@ -128,7 +140,6 @@ def _check_writable(path: Path, what: str) -> None:
 
 def redact(uri: str) -> str:
     """Passwords in URLs never reach params, tags or messages."""
-    from .urls import mask
 
     return mask(uri)
 
@@ -206,7 +217,6 @@ def logged_steps(run_id: str) -> dict[str, set[int]]:
 
 
 def check_resumable(run_id: str) -> None:
-    from .config import ConfigError
 
     try:
         run = mlflow.MlflowClient().get_run(run_id)
@@ -246,6 +256,7 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
             if derived and _name_taken(active, name):
                 name = f"{name}-e{cfg.train.epochs}"  # e.g. the same recipe trained longer
             mlflow.set_tags({"mlflow.runName": name, **(tags or {})})
+        mark_model_training(active.info.experiment_id)
         yield active
         signals.raise_if_interrupted()  # never FINISHED after a SIGTERM whose exception Python dropped
     except (KeyboardInterrupt, *killed_on):
@@ -256,7 +267,6 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
         opened = _opened(active, outer)
         if opened is not None:  # without a run of ours, log_text would start one
             with contextlib.suppress(Exception):
-                from .urls import scrub
 
                 mlflow.log_text(scrub(traceback.format_exc()), "error/traceback.txt")
         _close(opened, "FAILED")
@@ -265,6 +275,43 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
         _close(active, "FINISHED")
     finally:
         signals.restore_sigterm(previous)
+
+
+def mark_model_training(experiment_id: str) -> None:
+    """Tag the experiment as model training (a kind someone chose, not one MLflow inferred, is left as
+    it is), and give it a saved view of the runs table that shows the results: MLflow's UI keeps
+    columns in the browser, but opens a view stored in an experiment tag from a link (`ui_link`)."""
+    import json
+    import time
+
+    client = mlflow.MlflowClient()
+    tags = client.get_experiment(experiment_id).tags
+    kind = tags.get(EXPERIMENT_KIND, "")
+    if kind != MODEL_TRAINING and (not kind or kind.endswith("_inferred") or kind == "no_inferred_type"):
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+    view = f"mlflow.sharedViewState.{RESULTS_VIEW}"
+    if view not in tags:  # once: a view its users changed stays theirs
+        state = json.dumps({"selectedColumns": list(RESULTS_COLUMNS)})
+        client.set_experiment_tag(experiment_id, view, json.dumps(
+            {"name": "Results", "createdAt": int(time.time() * 1000), "state": state}))
+
+
+def ui_link(experiment_id: str) -> str:
+    """Where the experiment's runs list opens in the MLflow UI with the results' columns shown (its
+    runs, not the GenAI overview MLflow 3 shows without `workflowType`): on the tracking server, or on
+    `mlflow ui` for a local store."""
+    from urllib.parse import urlsplit
+
+    uri = mlflow.get_tracking_uri()
+    page = f"#/experiments/{experiment_id}/runs?{RUNS_VIEW}&viewStateShareKey={RESULTS_VIEW}"
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)  # never the user info: it may be a credential
+        bare = parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="").geturl()
+        return f"{bare.rstrip('/')}/{page}"
+    store = local_path(uri)
+    default = store is not None and store.resolve() == (Path.cwd() / "mlflow.db").resolve()
+    how = "mlflow ui" if default else f"mlflow ui --backend-store-uri {uri}"
+    return f"http://127.0.0.1:5000/{page} (after `{how}`)"
 
 
 def _name_taken(active: mlflow.ActiveRun, name: str) -> bool:
@@ -293,27 +340,30 @@ def _close(active: mlflow.ActiveRun | None, status: str) -> None:
         mlflow.end_run(status)
 
 
-def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = False,
+def log_setup(cfg: RunConfig, splits, counts: dict[str, Any], runtime: dict[str, Any], resumed: bool = False,
               tokenizer=None) -> dict[str, str]:
-    """Params once each: settings already logged by `mlflow run -P` are skipped, not re-logged,
-    because MLflow refuses a second value for a key ("5e-4" vs 0.0005 would clash). Returns the
-    data-contract tags it set."""
+    """The run's params are the model's definition: the settings that change what is trained (`param`
+    in config.py), its parameter counts and the data's sizes. Where it ran (`runtime.*`) and what the
+    data check found (`data.*`) are tags; every resolved setting is in `config/resolved_config.yaml`,
+    so the run can be reproduced from what it logged. Settings already logged by `mlflow run -P` are
+    skipped, not re-logged: MLflow refuses a second value for a key ("5e-4" vs 0.0005 would clash).
+    Returns the data-contract tags it set."""
     client = mlflow.MlflowClient()
     run_id = mlflow.active_run().info.run_id
     existing = client.get_run(run_id).data.params
-    values = {**cfg.flat(), **params, "num_labels": len(splits.labels),
-              "train_size": len(splits.train), "val_size": len(splits.val), "test_size": len(splits.test),
-              "test_texts_in_train": splits.test_in_train,
-              "duplicate_train_texts": splits.duplicate_train_texts,
-              "conflicting_train_texts": splits.conflicting_train_texts}
     dataset = dataset_name(cfg)
-    values["dataset"] = dataset  # what was used: the file, when files are given
+    values = {**cfg.params(), **counts, "num_labels": len(splits.labels), "train_size": len(splits.train),
+              "val_size": len(splits.val), "test_size": len(splits.test), "dataset": dataset}
     fresh = {k: str(v) for k, v in values.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
-    mlflow.set_tags({STRATEGY: cfg.model.strategy, "model": cfg.model.model, "dataset": dataset})
+    mlflow.set_tags({STRATEGY: cfg.model.strategy, "model": cfg.model.model, "dataset": dataset,
+                     **{f"runtime.{k}": str(v) for k, v in runtime.items()},
+                     "data.test_texts_in_train": str(splits.test_in_train),
+                     "data.duplicate_train_texts": str(splits.duplicate_train_texts),
+                     "data.conflicting_train_texts": str(splits.conflicting_train_texts)})
     contract = log_contract(splits, cfg.data.split_seed, tokenizer)
-    mlflow.log_dict({**cfg.flat(), "learning_rate": cfg.learning_rate}, "config/resolved_config.yaml")
+    mlflow.log_dict(cfg.flat(), "config/resolved_config.yaml")
     mlflow.log_dict({"id2label": dict(enumerate(splits.labels))}, "config/label_map.json")
     if not resumed:  # a resumed run logged its inputs when it started
         for context in ("train", "validation", "test"):
@@ -324,6 +374,15 @@ def log_setup(cfg: RunConfig, splits, params: dict[str, Any], resumed: bool = Fa
 
 def dataset_name(cfg: RunConfig) -> str:
     return Path(cfg.data.train_data).name if cfg.data.train_data else cfg.data.dataset
+
+
+def split_name(cfg: RunConfig, context: str) -> str:
+    """What MLflow names a split's dataset: the file it came from (`train`, `test`), validation after
+    the file it was carved from (`train-validation`); hub data `imdb`, `imdb-validation`, `imdb-test`."""
+    if cfg.data.train_data:
+        stem = Path(cfg.data.test_data if context == "test" else cfg.data.train_data).stem
+        return f"{stem}-validation" if context == "validation" else stem
+    return cfg.data.dataset if context == "train" else f"{cfg.data.dataset}-{context}"
 
 
 def mlflow_dataset(cfg: RunConfig, splits, context: str):
@@ -338,7 +397,7 @@ def mlflow_dataset(cfg: RunConfig, splits, context: str):
         name, split = where.rsplit(":", 1)
         source = HuggingFaceDatasetSource(path=name, split=split)
     with _dataset_notes():
-        return mlflow.data.from_pandas(df, source=source, name=f"{dataset_name(cfg)}-{context}", targets="label")
+        return mlflow.data.from_pandas(df, source=source, name=split_name(cfg, context), targets="label")
 
 
 @contextlib.contextmanager
@@ -370,17 +429,21 @@ def log_contract(splits, split_seed: int, tokenizer=None) -> dict[str, str]:
     return contract
 
 
-def download(run_id: str, artifact_path: str, dst: str) -> str:
-    """A run's artifact folder, downloaded under `dst`; returns its local path."""
-    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=dst)
+def logged_config(run_id: str) -> dict[str, Any]:
+    """Every resolved setting a run logged (`config/resolved_config.yaml`), read as plain YAML; the
+    settings it may not name any more are dropped, those it does not name yet take their defaults."""
+    import yaml
+
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/config/resolved_config.yaml")
+    values = yaml.safe_load(text) or {}
+    known = {f.name for f in all_fields()}
+    return {k: v for k, v in values.items() if k in known}
 
 
 def data_contract(splits, split_seed: int, tokenizer=None) -> dict[str, str]:
     """What a model was trained on, as tags: one fingerprint per split, the split seed, the label
     map and the tokenizer's hash; the registered model carries the last two and checks them."""
     import json
-
-    from .data import fingerprint, tokenizer_hash
 
     tags = {f"data.fingerprint.{name}": fingerprint(df)
             for name, df in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
@@ -404,7 +467,6 @@ def log_evaluation(split: str, ev, names: list[str], texts: list[str] | None = N
 
     With a temperature other than 1 the metrics are those of the calibrated probabilities (what the
     served model returns), and `ece_uncalibrated` / `brier_uncalibrated` keep the raw ones."""
-    from . import evaluate
 
     values = evaluate.metrics(ev, len(names))
     extra = {}
@@ -437,9 +499,8 @@ def log_evaluation(split: str, ev, names: list[str], texts: list[str] | None = N
 
 def log_fit(result) -> None:
     """Throughput of the training (steady-state samples/s, warm-up apart) and the selected epoch."""
-    from .loop import throughput
 
-    mlflow.log_metrics({**throughput(result), "best_epoch": result.best_epoch})
+    mlflow.log_metrics({**throughput(result), BEST_EPOCH: result.best_epoch})
 
 
 def log_calibration(temperature: float) -> None:
@@ -459,7 +520,8 @@ def log_summary(cfg: RunConfig, model, outcome) -> str:
                      "train_seconds": round(outcome.train_seconds, 1)}, "summary.json")
     minutes = outcome.train_seconds / 60
     took = f"{minutes:.0f} min" if minutes >= 1 else f"{outcome.train_seconds:.0f} s"
-    line = (f"{strategy_label(cfg, model)}: {split} acc {scored['accuracy']:.3f}, F1 {scored['f1']:.3f}, "
+    label = strategies.get(cfg.model.strategy).label(model, cfg.lora)
+    line = (f"{label}: {split} acc {scored['accuracy']:.3f}, F1 {scored['f1']:.3f}, "
             f"{_count(outcome.trainable_params)} trainable ({pct:.3g}%), {took}")
     mlflow.set_tag("mlflow.note.content", line)
     return line
@@ -469,58 +531,47 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
 
 
-def strategy_label(cfg: RunConfig, model) -> str:
-    """'LoRA r8 q_lin/k_lin/v_lin' (the modules peft adapted) or 'Full fine-tuning'."""
-    if cfg.model.strategy != "lora":
-        return "Full fine-tuning"
-    targets = getattr(model, "peft_config", {}).get("default")
-    modules = sorted(targets.target_modules) if targets is not None and targets.target_modules else []
-    where = "/".join(modules) if modules else cfg.lora.lora_target_modules
-    return f"LoRA r{cfg.lora.lora_r} {where}"
-
-
-def log_trained(model, tokenizer, artifact_path: str) -> None:
-    """The trained weights and the tokenizer, as `save_pretrained` writes them. For LoRA (`adapter/`)
-    the adapter, its config and the trained head: a few MB, reloadable with
-    `PeftModel.from_pretrained(base, <dir>)`; for full fine-tuning (`weights/`) the whole model, which
-    a tuning study needs to register a full winner without training it again."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        mlflow.log_artifacts(tmp, artifact_path)
-
-
-def log_servable(model, tokenizer, settings: dict[str, Any], train_hashes: set[str]):
-    """Log a self-contained classifier as a model from code (LoRA merged, safetensors weights, JSON
-    files; no pickle, no base model or network needed to load) in the active run. Not registered
-    here: the promotion gate registers it with its evidence. Returns the ModelInfo."""
-    from . import serving
-    from .data import tokenizer_hash
-
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    config = {"format": serving.FORMAT, **settings, "labels": labels, "tokenizer_hash": tokenizer_hash(tokenizer)}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        model.save_pretrained(folder / serving.WEIGHTS, safe_serialization=True)
-        tokenizer.save_pretrained(folder / serving.WEIGHTS)
-        return mlflow.pyfunc.log_model(name="model", **servable_model(folder, config, train_hashes))
-
-
-def servable_model(folder: Path, config: dict[str, Any], train_hashes: set[str]) -> dict[str, Any]:
-    """Beside `folder/weights`, the JSON files; checked to load; the arguments of
-    `mlflow.pyfunc.log_model`/`save_model` for a model from code (no pickle)."""
+def log_model(model, tokenizer, settings: dict[str, Any], train_hashes: set[str], base: str = ""):
+    """The run's MLflow 3 logged model `model`, as a model from code (no pickle): what its strategy
+    saves (full fine-tuning's weights; LoRA's adapter and head, a few MB), with the base named as
+    `--model` named it where the strategy needs one. The sha256 of every file goes in the logged
+    model's `model.files` tag (serving.py); the run's params are copied to it by MLflow. Returns the
+    ModelInfo."""
     import json
+
+    strategy = strategies.get(settings["strategy"])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        weights = root / "artifacts" / serving.WEIGHTS
+        weights.mkdir(parents=True)
+        strategy.save(model, weights)
+        tokenizer.save_pretrained(weights)
+        config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        labels = [config.id2label[i] for i in range(config.num_labels)]
+        config = {"format": serving.FORMAT, **settings, "labels": labels}
+        if strategy.needs_base:
+            config["base"] = {"model": base, "sha256": serving.weights_digest(serving.base_folder(base))}
+        kwargs = servable_model(root, config, train_hashes)
+        files = json.dumps(serving.manifest(root))
+        return mlflow.pyfunc.log_model(name=MODEL, tags={serving.MANIFEST_TAG: files}, model_type=strategy.name,
+                                       **kwargs)
+
+
+def servable_model(root: Path, config: dict[str, Any], train_hashes: set[str]) -> dict[str, Any]:
+    """Beside `root/artifacts/weights`, the JSON files; checked to load; the arguments of
+    `mlflow.pyfunc.log_model`/`save_model` for a model from code that ships only serving's modules."""
+    import json
+    import shutil
 
     import pandas as pd
     from mlflow.models import infer_signature
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
-    from . import serving
-
-    (folder / serving.CONFIG).write_text(json.dumps(config, indent=1))
-    (folder / serving.TRAIN_TEXTS).write_text(json.dumps(sorted(train_hashes)))
+    artifacts = root / "artifacts"
+    (artifacts / serving.CONFIG).write_text(json.dumps(config, indent=1))
+    (artifacts / serving.TRAIN_TEXTS).write_text(json.dumps(sorted(train_hashes)))
     classifier = serving.TextClassifier()
-    classifier.load(str(folder / serving.WEIGHTS), config)  # what is logged is checked to load
+    classifier.load(str(artifacts / serving.WEIGHTS), config)  # what is logged is checked to load
     example = pd.DataFrame({"text": ["a wonderful film", "a dull mess"]})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -528,7 +579,32 @@ def servable_model(folder: Path, config: dict[str, Any], train_hashes: set[str])
     # Input typed "any": MLflow's schema enforcement would turn a null or a number into the string
     # "None" or "3" and score it; the classifier refuses them itself, with HTTP 400.
     signature.inputs = Schema([ColSpec(AnyType(), "text")])
+    package = root / "code" / "src"  # the served model's code: serving's modules, not the trainer
+    package.mkdir(parents=True)
+    for name in serving.CODE:
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(__file__).parents[1] / name, package / name)
     return {"python_model": str(Path(__file__).with_name("served_model.py")),
-            "artifacts": {key: str(folder / key) for key in (serving.WEIGHTS, serving.CONFIG, serving.TRAIN_TEXTS)},
-            "code_paths": [str(Path(__file__).parent)], "signature": signature, "input_example": example,
+            "artifacts": {key: str(artifacts / key) for key in serving.FILES},
+            "code_paths": [str(package)], "signature": signature, "input_example": example,
             "pip_requirements": serving.requirements()}
+
+
+class Tracker:
+    """The MLflow side of one training run, as the orchestration calls it (finetune.py). Rank 0 of a
+    data-parallel job, and any single process, use this; the other ranks use `finetune.NullTracker`,
+    the same calls logging nothing, so every rank runs the same code."""
+
+    active = True
+    run = staticmethod(run)
+    setup = staticmethod(log_setup)
+    fit = staticmethod(log_fit)
+    evaluation = staticmethod(log_evaluation)
+    calibration = staticmethod(log_calibration)
+    model = staticmethod(log_model)
+    link = staticmethod(link_to_model)
+    summary = staticmethod(log_summary)
+
+    @staticmethod
+    def logger(run_id: str, resumed: bool, resumable: bool) -> MlflowLogger:
+        return MlflowLogger(run_id, logged_steps(run_id) if resumed else None, resumable=resumable)

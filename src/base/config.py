@@ -14,30 +14,32 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-STRATEGIES = ("full", "lora")
+from .errors import ConfigError
+from .names import DIRECTION
+from .strategies import DEFAULT_LEARNING_RATE, STRATEGIES
+from .urls import backend, mask, unencoded_at
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomial")
-SELECTION_METRICS = ("accuracy", "f1", "loss")
+SELECTION_METRICS = tuple(DIRECTION)  # each with its direction, declared in names.py
 EMPTY_TEXTS = ("fail", "drop")
-COMPILE_MODES = ("off", "default", "reduce-overhead")
-
-# Learning rates per strategy when none is given. LoRA wants roughly 10x the full fine-tuning
-# rate: on the real IMDB with a pretrained MiniLM, LoRA r8 q/k/v reached 0.9145 test accuracy at
-# 5e-4 but 0.8534 at the seed's 2e-5 (benchmarks/README.md, the accuracy table).
-DEFAULT_LEARNING_RATE = {"full": 5e-5, "lora": 5e-4}
-
 
 DEFAULT_PROMOTION_ALPHA = 0.05  # a registered model's promotion level until its owner sets one
+# Fewest distinct held-out texts whose evidence may promote: below it a paired test says little.
+DEFAULT_PROMOTION_MIN_TEXTS = 100
 DEFAULT_EXPERIMENT = "imdb-sentiment"  # where training runs go, and where compare reads
 DEFAULT_REGISTERED_MODEL = "imdb-sentiment"  # what a search registers, and whose champion compare marks
 
 
-class ConfigError(ValueError):
-    """A setting is wrong; the message is one line saying what and how to fix it."""
+def _opt(default: Any, help: str, *, param: bool = True, may_change: bool = False, **extra: Any) -> Any:
+    """A setting. `param`: it defines the trained model (data, model, strategy, LoRA, optimisation,
+    seeds) and is logged as an MLflow param; operational settings (where it runs, how it reports) live
+    in the run's `config/resolved_config.yaml` only. `may_change`: a resumed run may give it another value."""
+    return field(default=default, metadata={"help": help, "param": param, "may_change": may_change, **extra})
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+OPERATIONAL = {"param": False}
+RESUMABLE = {"param": False, "may_change": True}  # operational, and free to change on resume
 
 
 def _check_seed(name: str, value: int) -> None:
@@ -87,8 +89,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     model: str = _opt("distilbert-base-uncased", "Hub model name or local folder of an encoder.")
-    strategy: str = _opt("lora", "What to train: 'full' (every weight) or 'lora' (adapters + head).",
-                         choices=STRATEGIES)
+    strategy: str = _opt("lora", "What to train: " + "; ".join(f"'{s.name}' ({s.title})" for s in STRATEGIES.values())
+                         + ".", choices=tuple(STRATEGIES))
     attention_dropout: float = _opt(
         0.0, "Dropout on the attention probabilities, set in the model's config whatever it calls it "
         "(0.1 in DistilBERT/BERT checkpoints). 0 lets PyTorch use its fused attention kernels: 2.1x faster "
@@ -124,19 +126,12 @@ class LoraConfig:
             raise ConfigError(f"--lora-target-modules must be 'auto', 'all-linear' or names separated by "
                               f"commas, got {self.lora_target_modules!r}")
 
-    def target_modules(self) -> list[str] | str:
-        """'auto' and 'attention-output' are resolved per architecture; 'all-linear' passes to peft."""
-        value = self.lora_target_modules.replace(" ", "")
-        if value in ("auto", "attention-output", "all-linear"):
-            return value
-        return value.split(",")
-
 
 @dataclass
 class TrainConfig:
     epochs: int = _opt(3, "Passes over the train split.")
     batch_size: int = _opt(32, "Training examples per optimizer micro-step.")
-    eval_batch_size: int = _opt(128, "Examples per evaluation batch (sorted by length, no gradients).")
+    eval_batch_size: int = _opt(128, "Examples per evaluation batch (sorted by length, no gradients).", **RESUMABLE)
     learning_rate: float | None = _opt(None, "Peak learning rate; unset = the strategy's default ("
                                        + ", ".join(f"{s} {lr:g}" for s, lr in DEFAULT_LEARNING_RATE.items()) + ").",
                                        type=float)
@@ -149,33 +144,30 @@ class TrainConfig:
                           "else fp16 on GPU, fp32 on CPU.",
                           choices=PRECISIONS)
     bucket_width: int = _opt(0, "Pad every batch to a multiple of this many tokens (at most the longest "
-                             "text), batching texts of one width together: steps take a few fixed shapes, which "
-                             "--compile needs. 0 = length-grouped batches padded to their longest text "
-                             "(evaluation on a GPU still rounds widths to 64).")
-    batch_tokens: int = _opt(0, "Fill each batch to this many padded tokens (rows = batch_tokens // width) instead "
-                             "of --batch-size rows; needs --bucket-width. 0 = off.")
-    compile: str = _opt("off", "torch.compile the model once per batch shape (needs --bucket-width) for training "
-                        "and evaluation: 'default' fuses kernels, 'reduce-overhead' also replays CUDA graphs on GPU.",
-                        choices=COMPILE_MODES)
+                             "text), batching texts of one width together, so steps take a few fixed shapes "
+                             "(faster on GPU, benchmarks/README.md). 0 = length-grouped batches padded to their "
+                             "longest text (evaluation on a GPU still rounds widths to 64).")
     device: str = _opt("auto", "Where to train: 'auto' = this process's GPU (cuda:$LOCAL_RANK under torchrun or "
                        "accelerate launch, else the first GPU that CUDA_VISIBLE_DEVICES leaves visible), else the CPU; "
                        "or 'cpu', 'cuda', 'cuda:N', 'mps'. One tuning worker per GPU: "
-                       "--device cuda:N or CUDA_VISIBLE_DEVICES=N.")
+                       "--device cuda:N or CUDA_VISIBLE_DEVICES=N.", **RESUMABLE)
     dist_timeout: int = _opt(1800, "Seconds a process of torchrun / accelerate launch waits at a collective "
-                             "(gradient all-reduce, gathering predictions) before the job fails.")
+                             "(gradient all-reduce, gathering predictions) before the job fails.", **RESUMABLE)
     seed: int = _opt(42, "Seed for initialisation, dropout and batch order.")
     selection_metric: str = _opt("accuracy", "Validation metric that picks the best epoch and early-stops.",
                                  choices=SELECTION_METRICS)
     early_stopping_patience: int = _opt(0, "Stop after this many epochs without validation improvement (0 = off).")
     logging_steps: int = _opt(10, "Log the mean training loss every this many optimizer steps and at the end of "
-                                  "each epoch.")
+                                  "each epoch.", **RESUMABLE)
     checkpoint_dir: str = _opt("checkpoints", "Checkpoints go to <dir>/<run id>/last.pt after every epoch and on "
-                               "Ctrl-C/SIGTERM; removed when the run finishes. Empty = none.")
-    checkpoint_steps: int = _opt(0, "Also checkpoint every this many optimizer steps (0 = per epoch only).")
+                               "Ctrl-C/SIGTERM; removed when the run finishes. Empty = none.", **OPERATIONAL)
+    checkpoint_steps: int = _opt(0, "Also checkpoint every this many optimizer steps (0 = per epoch only).",
+                                 **RESUMABLE)
     class_weights: str = _opt("", "Weights of the classes in the training loss: empty = equal, 'balanced' = "
                               "inverse to their train frequency, or one number per label in label order (e.g. 1,4).")
     temperature_scaling: bool = _opt(False, "Fit a softmax temperature on validation after training; test "
-                                     "metrics, predict and serve then use the calibrated probabilities.", type=bool)
+                                     "metrics, predict and serve then use the calibrated probabilities.", type=bool,
+                                     may_change=True)
 
     def loss_weights(self, counts: list[int]) -> list[float] | None:
         """Per-class loss weights from the train count of each label 0..K-1 (None = unweighted)."""
@@ -204,16 +196,8 @@ class TrainConfig:
         if self.checkpoint_steps < 0:
             raise ConfigError(f"--checkpoint-steps must be >= 0, got {self.checkpoint_steps}")
         _check_seed("seed", self.seed)
-        for name in ("bucket_width", "batch_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(self, name)}")
-        if self.batch_tokens and not self.bucket_width:
-            raise ConfigError("--batch-tokens needs --bucket-width (e.g. 64): token budgets fill batches per width")
-        if self.compile not in COMPILE_MODES:
-            raise ConfigError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
-        if self.compile != "off" and not self.bucket_width:
-            raise ConfigError("--compile needs --bucket-width (e.g. 64): without buckets nearly every batch has a "
-                              "new shape and is compiled again")
+        if self.bucket_width < 0:
+            raise ConfigError(f"--bucket-width must be >= 0 (0 = off), got {self.bucket_width}")
         if self.dist_timeout < 1:
             raise ConfigError(f"--dist-timeout must be at least 1 second, got {self.dist_timeout}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
@@ -235,21 +219,23 @@ class TrainConfig:
 @dataclass
 class TrackingConfig:
     experiment_name: str = _opt(DEFAULT_EXPERIMENT, "MLflow experiment (ignored inside `mlflow run`, "
-                                "which chooses it).")
-    run_name: str = _opt("", "MLflow run name; empty = derived, e.g. lora-r8-a32-lr5e-4.")
-    registered_model_name: str = _opt("", "If set, log a servable model and register it under this name.")
+                                "which chooses it).", **OPERATIONAL)
+    run_name: str = _opt("", "MLflow run name; empty = derived, e.g. lora-r8-a32-lr5e-4.", **OPERATIONAL)
+    registered_model_name: str = _opt("", "If set, the run's logged model goes through the promotion gate and, "
+                                      "if it passes, is registered under this name.", **RESUMABLE)
     resume_run_id: str = _opt("", "Continue this interrupted run (same MLflow run) from its checkpoint in "
-                              "--checkpoint-dir, with the same settings.")
+                              "--checkpoint-dir, with the same settings.", **RESUMABLE)
     promotion_alpha: float = _opt(DEFAULT_PROMOTION_ALPHA, "Significance level of the promotion gate: a "
                                   "registered model becomes champion only if it beats the current one on the "
                                   "same held-out examples (McNemar p < alpha and a bootstrap interval of the gain "
                                   "above 0). The registered model's policy (`python -m src.registry policy`) is "
-                                  "the loosest level allowed: only a stricter value here has an effect.")
-    system_metrics: bool = _opt(True, "Log the machine's CPU, memory, disk and network use (and the GPU's, with "
+                                  "the loosest level allowed: only a stricter value here has an effect.", **RESUMABLE)
+    system_metrics: bool = _opt(False, "Also log the machine's CPU, memory, disk and network use (and the GPU's, with "
                                 "nvidia-ml-py installed: the `gpu` extra) as `system/*` metrics of each run, sampled "
-                                "every 10 s (MLflow's system metrics).", type=bool)
+                                "every 10 s (MLflow's system metrics); off by default, so a run's metrics are its "
+                                "results.", type=bool, **RESUMABLE)
     max_batch_size: int = _opt(1024, "Most texts the registered model scores in one request; a larger batch is "
-                               "refused with HTTP 400 (0 = no limit).")
+                               "refused with HTTP 400 (0 = no limit).", **RESUMABLE)
 
     def __post_init__(self) -> None:
         if not self.experiment_name.strip():
@@ -322,7 +308,6 @@ class TuneConfig:
             raise ConfigError(f"--heartbeat-interval must be at least 1 second, got {self.heartbeat_interval}")
         _check_seed("sampler_seed", self.sampler_seed)
         self.storage = self.storage or os.environ.get("OPTUNA_STORAGE") or "sqlite:///optuna.db"
-        from .urls import backend, mask, unencoded_at
 
         shown = mask(self.storage)  # also marks its password for scrubbing from any later message
         if unencoded_at(self.storage):
@@ -357,7 +342,8 @@ class TuneConfig:
         full_lr = _floats(self.full_learning_rate_range, "full_learning_rate_range")
         strategies = [t for t in self.strategy_choices.replace(" ", "").split(",") if t]
         if not strategies or set(strategies) - set(STRATEGIES) or len(set(strategies)) != len(strategies):
-            raise ConfigError(f"--strategy-choices must be lora, full or full,lora, got {self.strategy_choices!r}")
+            raise ConfigError(f"--strategy-choices must be strategies from {', '.join(STRATEGIES)} separated by "
+                              f"commas, got {self.strategy_choices!r}")
         targets = [t for t in self.target_module_choices.replace(" ", "").split(",") if t]
         if not ranks or any(r < 1 or r != int(r) for r in ranks):
             raise ConfigError(f"--lora-r-choices must be positive integers, got {self.lora_r_choices!r}")
@@ -386,7 +372,7 @@ class CompareConfig:
     """Which tracked runs the results table and charts cover, and where they go."""
 
     experiment_name: str = _opt(DEFAULT_EXPERIMENT, "Experiment(s) to read, comma-separated (e.g. "
-                                "imdb-sentiment,imdb-sentiment-tuning); ignored with --run-ids.")
+                                "imdb-sentiment,other-experiment); ignored with --run-ids.")
     run_ids: str = _opt("", "Compare exactly these runs (comma-separated ids), from any experiment.")
     filter_string: str = _opt("", "MLflow search filter the runs must also match, e.g. \"params.lora_r = '8'\".")
     output_dir: str = _opt("compare", "Folder for results.md, results.csv and the charts (also logged to MLflow).")
@@ -413,6 +399,25 @@ class CompareConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`python -m src.serve`: where it listens and what it takes."""
+
+    host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 exposes it: see docs/security.md first).")
+    port: int = _opt(5001, "Port to listen on.")
+    workers: int = _opt(1, "Scoring processes (uvicorn workers), each holding the model.")
+    max_body_mb: float = _opt(5.0, "Largest request body accepted, in MiB; a larger one is refused with HTTP 413 "
+                              "before it is read. 1024 long reviews (the default max_batch_size) can need more.")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"--port must be from 1 to 65535, got {self.port}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if not (self.max_body_mb > 0 and math.isfinite(self.max_body_mb)):
+            raise ConfigError(f"--max-body-mb must be a positive number, got {self.max_body_mb}")
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -436,29 +441,41 @@ class RunConfig:
     @property
     def learning_rate(self) -> float:
         if self.train.learning_rate is None:
-            return DEFAULT_LEARNING_RATE[self.model.strategy]
+            return STRATEGIES[self.model.strategy].default_learning_rate
         return self.train.learning_rate
+
+    def params(self) -> dict[str, Any]:
+        """The settings that define the trained model (what MLflow logs as params)."""
+        defining = {f.name for f in all_fields() if f.metadata["param"]}
+        return {k: v for k, v in self.flat().items() if k in defining}
 
     def flat(self) -> dict[str, Any]:
         """Every resolved setting once, by its one name; LoRA settings only for LoRA runs."""
         out: dict[str, Any] = {}
         for attr in ("data", "model", "lora", "train", "tracking"):
-            if attr == "lora" and self.model.strategy != "lora":
+            if attr == "lora" and not STRATEGIES[self.model.strategy].uses_lora:
                 continue
             out.update(dataclasses.asdict(getattr(self, attr)))
         out["learning_rate"] = self.learning_rate
         return out
 
-    def default_run_name(self) -> str:
+    def name_parts(self) -> list[str]:
+        """What tells runs apart: the strategy's own parts (LoRA: rank and alpha), then the learning
+        rate (1.5e-3, 5e-4: two digits, no rounding to 2e-3)."""
         mantissa, exponent = f"{self.learning_rate:.1e}".split("e")
-        lr = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 1.5e-3, 5e-4: two digits, no rounding to 2e-3
-        if self.model.strategy == "lora":
-            return f"lora-r{self.lora.lora_r}-a{self.lora.lora_alpha:g}-lr{lr}"
-        return f"full-lr{lr}"
+        return STRATEGIES[self.model.strategy].name_parts(self.lora) + \
+            [f"lr{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"]
+
+    def default_run_name(self) -> str:
+        return "-".join(self.name_parts())
 
 
 def all_fields() -> list[dataclasses.Field]:
     return [f for group in GROUPS for f in dataclasses.fields(group)]
+
+
+def may_change_on_resume() -> set[str]:
+    return {f.name for f in all_fields() if f.metadata["may_change"]}
 
 
 def parse_settings(text: str) -> dict[str, Any]:

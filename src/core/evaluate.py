@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .inference import apply_temperature
+
 
 @dataclass
 class Evaluation:
@@ -20,7 +22,7 @@ class Evaluation:
 
 
 def metrics(ev: Evaluation, n_classes: int) -> dict[str, float]:
-    """Binary tasks report F1/precision/recall of class 1 (the seed's convention); more classes: macro."""
+    """Binary tasks report F1/precision/recall of class 1 (the course report's convention); more classes: macro."""
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 
     average = "binary" if n_classes == 2 else "macro"
@@ -136,16 +138,8 @@ def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(((probs - onehot) ** 2).sum(axis=1).mean())
 
 
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / T) from the probabilities themselves: log p differs from the logits by a
-    per-row constant, which the softmax cancels."""
-    z = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def calibrated(ev: Evaluation, temperature: float) -> Evaluation:
+
     probs = apply_temperature(ev.probs, temperature)
     loss = float(-np.log(np.clip(probs[np.arange(len(ev.labels)), ev.labels], 1e-12, 1.0)).mean())
     return Evaluation(labels=ev.labels, probs=probs, loss=loss)

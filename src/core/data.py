@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError, DataConfig
+from ..base import hub
+from ..base.config import ConfigError, DataConfig
+from .inference import pad
 
 LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -60,48 +62,45 @@ def read_file(path: str) -> pd.DataFrame:
         raise ConfigError(f"could not read {path} as {kind}: {str(exc).splitlines()[0]}") from exc
 
 
-def offline_fix() -> str:
-    """The way to local files, spelled for the command that was typed: make, `mlflow run` or the CLI."""
-    files = {"train_data": "/abs/train.parquet", "test_data": "/abs/test.parquet", "model": "/abs/model-folder"}
-    project = " ".join(f"-P {k}={v}" for k, v in files.items())
-    if os.environ.get("IMDB_SENTIMENT_MAKE_TARGET"):
-        how = f'run `make {os.environ["IMDB_SENTIMENT_MAKE_TARGET"]} ARGS="{project}"`'
-    elif os.environ.get("MLFLOW_RUN_ID"):
-        how = f"add `{project}` to `mlflow run`"
-    else:
-        how = "pass " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in files.items())
-    return (f"{how} (the model must be local too: a folder written by save_pretrained), and set "
-            "HF_HUB_OFFLINE=1 so nothing waits for the hub")
-
-
 def _read_hub(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     import datasets
 
     try:
         ds = datasets.load_dataset(name)
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"could not load hub dataset {name!r} ({str(exc).splitlines()[0]}); "
-                          f"offline? {offline_fix()}") from exc
+        raise ConfigError(f"could not load hub dataset {name!r} ({str(exc).splitlines()[0][:200]}); "
+                          f"{hub.hint(name)}") from exc
     if "train" not in ds or "test" not in ds:
         raise ConfigError(f"hub dataset {name!r} has splits {list(ds)}, needs 'train' and 'test'")
-    return ds["train"].to_pandas(), ds["test"].to_pandas()
+    return _named(ds["train"]), _named(ds["test"])
 
 
-def _check_columns(df: pd.DataFrame, cfg: DataConfig, where: str) -> pd.DataFrame:
-    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in df.columns]
+def _named(split) -> pd.DataFrame:
+    """A hub split as a DataFrame, class ids replaced by the dataset's class names (IMDB: neg, pos),
+    so the label map, the confusion matrix and predictions speak them."""
+    frame = split.to_pandas()
+    for column, feature in split.features.items():
+        if type(feature).__name__ == "ClassLabel":
+            frame[column] = frame[column].map(lambda i, f=feature: f.int2str(int(i)) if i >= 0 else None)
+    return frame
+
+
+def _check_columns(df: pd.DataFrame, data: DataConfig, where: str) -> pd.DataFrame:
+    missing = [c for c in (data.text_column, data.label_column) if c not in df.columns]
     if missing:
         raise ConfigError(f"{where} has no column {missing[0]!r} (columns: {', '.join(map(str, df.columns))}); "
                           f"set --text-column / --label-column")
-    out = df[[cfg.text_column, cfg.label_column]].rename(columns={cfg.text_column: "text", cfg.label_column: "label"})
+    out = df[[data.text_column, data.label_column]].rename(
+        columns={data.text_column: "text", data.label_column: "label"})
     if len(out) == 0:
         raise ConfigError(f"{where} has no rows")
     if out["label"].isna().any():
         raise ConfigError(f"{where} has {int(out['label'].isna().sum())} rows without a label")
     bad = out["text"].map(lambda t: not isinstance(t, str) or not t.strip())
     if bad.any():
-        if cfg.empty_texts == "fail":
+        if data.empty_texts == "fail":
             raise ConfigError(f"{where} has {int(bad.sum())} empty or non-text value(s) in column "
-                              f"{cfg.text_column!r}; remove them, pass --empty-texts drop, or pick another "
+                              f"{data.text_column!r}; remove them, pass --empty-texts drop, or pick another "
                               f"--text-column")
         logging.getLogger(__name__).warning("%s: dropped %d empty or non-text row(s)", where, int(bad.sum()))
         out = out[~bad]
@@ -132,16 +131,17 @@ def _cap(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return kept
 
 
-def load_splits(cfg: DataConfig) -> Splits:
+def load_splits(data: DataConfig) -> Splits:
     """Everything here is cheap and runs before any model is loaded or MLflow run is created."""
-    if cfg.train_data:
-        train_raw, test_raw = read_file(cfg.train_data), read_file(cfg.test_data)
-        sources = os.path.abspath(cfg.train_data), os.path.abspath(cfg.test_data)
+    hub.check([] if data.train_data else [data.dataset])
+    if data.train_data:
+        train_raw, test_raw = read_file(data.train_data), read_file(data.test_data)
+        sources = os.path.abspath(data.train_data), os.path.abspath(data.test_data)
     else:
-        train_raw, test_raw = _read_hub(cfg.dataset)
-        sources = f"{cfg.dataset}:train", f"{cfg.dataset}:test"
-    train = _check_columns(train_raw, cfg, "train data")
-    test = _check_columns(test_raw, cfg, "test data")
+        train_raw, test_raw = _read_hub(data.dataset)
+        sources = f"{data.dataset}:train", f"{data.dataset}:test"
+    train = _check_columns(train_raw, data, "train data")
+    test = _check_columns(test_raw, data, "test data")
     names = _label_names(train, test)
     mapping = {v: i for i, v in enumerate(names)}
     train = train.assign(label=train["label"].map(mapping).astype("int64"))
@@ -150,14 +150,14 @@ def load_splits(cfg: DataConfig) -> Splits:
     from sklearn.model_selection import train_test_split
 
     counts = train["label"].value_counts()
-    n_val = int(round(len(train) * cfg.val_fraction))
+    n_val = int(round(len(train) * data.val_fraction))
     if counts.min() < 2 or n_val < len(counts):
         raise ConfigError(f"train is too small to carve a stratified validation split "
                           f"({len(train)} rows, smallest class {counts.min()}); add data or raise --val-fraction")
-    fit, val = train_test_split(train, test_size=n_val, stratify=train["label"], random_state=cfg.split_seed)
-    fit = _cap(fit, cfg.max_train_samples, cfg.split_seed)
-    val = _cap(val, cfg.max_val_samples, cfg.split_seed)
-    test = _cap(test, cfg.max_test_samples, cfg.split_seed)
+    fit, val = train_test_split(train, test_size=n_val, stratify=train["label"], random_state=data.split_seed)
+    fit = _cap(fit, data.max_train_samples, data.split_seed)
+    val = _cap(val, data.max_val_samples, data.split_seed)
+    test = _cap(test, data.max_test_samples, data.split_seed)
     seen = set(fit["text"]) | set(val["text"])
     overlap = int(test["text"].isin(seen).sum())
     if overlap:
@@ -252,24 +252,21 @@ def bucket_widths(lengths: np.ndarray, multiple: int) -> np.ndarray:
     return np.minimum(-(-lengths // multiple) * multiple, int(lengths.max()))
 
 
-def bucketed_batches(lengths: np.ndarray, multiple: int, batch_size: int, batch_tokens: int,
+def bucketed_batches(lengths: np.ndarray, multiple: int, batch_size: int,
                      rng: np.random.Generator) -> list[np.ndarray]:
     """Shuffle, split by bucket width, cut each bucket into batches, shuffle the batches.
 
-    Every batch then has one of a few shapes (width x rows), which is what lets a compiled step
-    (and its CUDA graph) be reused; each bucket leaves at most one short batch per epoch. With
-    `batch_tokens` a batch holds as many reviews as fit the budget at its width (fairseq's
-    `max_tokens`), else `batch_size`. The batch with the most padded tokens goes first, so an
-    out-of-memory error shows at step one.
+    Every batch then has one of a few shapes (width x rows), so a GPU meets few kernel shapes; each
+    bucket leaves at most one short batch per epoch. The batch with the most padded tokens goes
+    first, so an out-of-memory error shows at step one.
     """
     widths = bucket_widths(lengths, multiple)
     order = rng.permutation(len(lengths))
     batches, cost = [], []
     for width in np.unique(widths):
         members = order[widths[order] == width]
-        size = max(1, batch_tokens // int(width)) if batch_tokens else batch_size
-        for i in range(0, len(members), size):
-            batches.append(members[i:i + size])
+        for i in range(0, len(members), batch_size):
+            batches.append(members[i:i + batch_size])
             cost.append(len(batches[-1]) * int(width))
     perm = rng.permutation(len(batches))
     biggest = int(np.argmax(cost))
@@ -277,31 +274,9 @@ def bucketed_batches(lengths: np.ndarray, multiple: int, batch_size: int, batch_
     return [batches[i] for i in perm]
 
 
-def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Evaluation order: longest first, so padding is minimal and memory peaks at once."""
-    order = np.argsort(-lengths, kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def collate(enc: Encoded, idx: np.ndarray, pad_id: int, multiple_of: int = 1, cap: int = 0, rows: int = 0):
-    """Pad to the batch's longest, rounded up to `multiple_of` and at most `cap` (0 = no cap).
-
-    `rows` > len(idx) appends filler rows (one attended pad token, label -100, which cross-entropy
-    ignores), so a short batch has the same shape as a full one: one compiled graph per width.
-    """
+def collate(enc: Encoded, idx: np.ndarray, pad_id: int, multiple_of: int = 1, cap: int = 0):
+    """(ids, mask, labels): padded as the served model pads (inference.pad), widths capped at `cap`."""
     import torch
 
-    seqs = [enc.input_ids[i] for i in idx]
-    width = max(len(s) for s in seqs)
-    width = -(-width // multiple_of) * multiple_of
-    width = min(width, cap) if cap else width
-    n = max(rows, len(seqs))
-    ids = np.full((n, width), pad_id, dtype=np.int64)
-    mask = np.zeros((n, width), dtype=np.int64)
-    mask[len(seqs):, 0] = 1  # a row with nothing to attend to would give NaN attention
-    for row, s in enumerate(seqs):
-        ids[row, :len(s)] = s
-        mask[row, :len(s)] = 1
-    labels = np.full(n, -100, dtype=np.int64)
-    labels[:len(seqs)] = enc.labels[idx]
-    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
+    ids, mask = pad([enc.input_ids[i] for i in idx], pad_id, multiple_of, cap)
+    return ids, mask, torch.from_numpy(enc.labels[idx])
