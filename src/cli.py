@@ -117,12 +117,21 @@ def build_config(values: dict[str, Any]) -> RunConfig:
 
 def quiet_libraries() -> None:
     """The expected 'newly initialized classifier' notice, the system-metrics monitor's start and
-    stop lines and similar chatter hide real output."""
+    stop lines and similar chatter hide real output. So do two progress bars: transformers' "Loading
+    weights" on every load of a local folder, and MLflow's "Downloading artifacts", one bar per file
+    of a logged model read back (a count of files, not of bytes). The hub's download bars stay: a
+    first download can take minutes."""
     import logging
 
+    import huggingface_hub
     import transformers
 
     transformers.logging.set_verbosity_error()
+    hub_bars = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers.logging.disable_progress_bar()  # which turns the hub's off too
+    if hub_bars:
+        huggingface_hub.utils.enable_progress_bars()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow.system_metrics", "mlflow.pyfunc"):  # monitor start/stop; "Validating input example"
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .cli import fail, main
+from .cli import fail, main, quiet_libraries
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,6 +137,7 @@ def _load(model_uri: str):
     from .base.config import ConfigError
     from .mlflow_io.serving import load
 
+    quiet_libraries()
     try:
         if model_uri.startswith(("models:/", "runs:/")):  # held by the tracking server: is it up?
             from .mlflow_io.tracking import check_reachable

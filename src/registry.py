@@ -16,7 +16,7 @@ import dataclasses
 import click
 
 from .base.config import DEFAULT_PROMOTION_ALPHA, DEFAULT_REGISTERED_MODEL, ConfigError, TrackingConfig
-from .cli import config_options, fail, main
+from .cli import config_options, fail, main, quiet_libraries
 from .core.promotion import Policy
 
 
@@ -62,6 +62,7 @@ def register_command(run_id: str, registered_model_name: str, promotion_alpha: f
     # The name and level are checked as a training run checks them, before any download.
     _or_fail(lambda: TrackingConfig(registered_model_name=registered_model_name, promotion_alpha=promotion_alpha))
     _client_or_fail()
+    quiet_libraries()
     from .flows.finetune import register_run
 
     # The decision's sentence is printed by the gate, on stdout here.

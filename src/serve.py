@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from .base.config import ServeConfig
-from .cli import config_options, fail, main
+from .cli import config_options, fail, main, quiet_libraries
 
 # How the command hands its settings to each uvicorn worker, which imports `scoring_app` anew.
 SETTINGS = "IMDB_SENTIMENT_SERVE"
@@ -47,6 +47,7 @@ def serve(model_uri: str, **values) -> None:
 
     from .mlflow_io import serving, tracking
 
+    quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="serve-") as tmp:
         folder = Path(tmp) / "files"
         try:

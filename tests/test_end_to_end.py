@@ -14,6 +14,10 @@ from tests.conftest import BIN, COMMON_METRICS, ROOT, artifact_paths, mlflow_run
 
 # Trains models, starts servers or processes: left out of `make test-fast`.
 pytestmark = pytest.mark.slow
+# What each run's `mlflow run` printed (stdout, then stderr), by entry point.
+CONSOLE: dict[str, str] = {}
+# Library progress bars that say nothing a user acts on (src/cli.py: quiet_libraries).
+CHATTER = ("Loading weights", "Downloading artifacts")
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +26,7 @@ def lora_run(tracking, distilbert_dir, data_files, tmp_path_factory):
               "batch_size": 16, "learning_rate": "5e-3", "lora_r": 4, "registered_model_name": "tiny-sentiment"}
     proc = mlflow_run("lora", params, "e2e-lora", cwd=tmp_path_factory.mktemp("cwd"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    CONSOLE["lora"] = proc.stdout + proc.stderr
     return only_run(tracking, "e2e-lora")
 
 
@@ -31,6 +36,7 @@ def full_run(tracking, distilbert_dir, data_files, tmp_path_factory):
               "batch_size": 16, "learning_rate": "1e-3"}
     proc = mlflow_run("full", params, "e2e-full", cwd=tmp_path_factory.mktemp("cwd"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    CONSOLE["full"] = proc.stdout + proc.stderr
     return only_run(tracking, "e2e-full")
 
 
@@ -176,6 +182,17 @@ def test_system_metrics_are_opt_in(tracking, distilbert_dir, data_files):
                     f"workflowType=machine_learning&viewStateShareKey=results"]
 
 
+def test_the_console_holds_the_runs_lines_not_library_progress_bars(lora_run, full_run):
+    """The registered LoRA run reads its logged model back through the gate; neither run shows
+    transformers' or MLflow's progress bars, and each ends with its result and its link."""
+    for entry in ("lora", "full"):
+        console = CONSOLE[entry]
+        assert not [bar for bar in CHATTER if bar in console], console[-3000:]
+        assert "Warning" not in console, console[-3000:]
+        assert console.count("; test accuracy ") == 1 and console.count("view in MLflow: ") == 1, console[-3000:]
+    assert "tiny-sentiment: version 1 is " in CONSOLE["lora"]
+
+
 def test_an_earlier_run_is_registered_later_and_served(tracking, full_run, tmp_path):
     """`python -m src.registry register --run-id`: the full run's model, as stored, scored on its test
     split and judged by the gate; registered, then served over HTTP."""
@@ -191,6 +208,7 @@ def test_an_earlier_run_is_registered_later_and_served(tracking, full_run, tmp_p
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("registered-later: version 1 is champion: test accuracy"), line
     assert line not in proc.stderr and "Warning" not in proc.stderr  # the sentence once, on stdout
+    assert not [bar for bar in CHATTER if bar in proc.stdout + proc.stderr], proc.stderr[-2000:]
     version = tracking.get_model_version("registered-later", "1")
     assert version.run_id == full_run.info.run_id and version.description == line
     assert tracking.get_run(full_run.info.run_id).data.tags["registry.decision"] == "champion"
