@@ -138,3 +138,30 @@ def test_registration_is_claimed_once_per_finished_study(tmp_path):
         raise RuntimeError("registry down")
     with registration_claim(study, storage) as again:
         assert again  # the failed registration gave its claim back
+
+
+def test_workers_opening_one_experiment_at_once_all_go_on(team_server):
+    """Each run tags its experiment (model training, the results view) once. Workers that start
+    together all find the tags missing and set them at the same moment, and MLflow's SQL store inserts
+    a tag after looking for it, so on PostgreSQL all but one can be refused. Eight processes open each
+    of 20 new experiments at the same instant; every one must go on, and every experiment ends tagged."""
+    import time
+
+    from src.base.names import EXPERIMENT_KIND, MODEL_TRAINING
+
+    uri, _ = team_server
+    client = mlflow.MlflowClient(uri)
+    ids = [client.create_experiment(f"opened-together-{i}") for i in range(20)]
+    start = time.time() + 8  # after every interpreter has imported MLflow
+    code = ("import sys, time, mlflow; from src.mlflow_io.tracking import mark_model_training\n"
+            f"mlflow.set_tracking_uri({uri!r})\n"
+            f"for i, experiment_id in enumerate({ids!r}):\n"
+            f"    time.sleep(max(0.0, {start} + 0.5 * i - time.time()))\n"
+            "    mark_model_training(experiment_id)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    errors = [p.communicate(timeout=180)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, [e.strip().splitlines()[-1] for e in errors if e.strip()]
+    for experiment_id in ids:
+        tags = client.get_experiment(experiment_id).tags
+        assert tags[EXPERIMENT_KIND] == MODEL_TRAINING and "mlflow.sharedViewState.results" in tags

@@ -267,7 +267,6 @@ def run(cfg: RunConfig, nested: bool = False, tags: dict[str, str] | None = None
         opened = _opened(active, outer)
         if opened is not None:  # without a run of ours, log_text would start one
             with contextlib.suppress(Exception):
-
                 mlflow.log_text(scrub(traceback.format_exc()), "error/traceback.txt")
         _close(opened, "FAILED")
         raise
@@ -288,12 +287,22 @@ def mark_model_training(experiment_id: str) -> None:
     tags = client.get_experiment(experiment_id).tags
     kind = tags.get(EXPERIMENT_KIND, "")
     if kind != MODEL_TRAINING and (not kind or kind.endswith("_inferred") or kind == "no_inferred_type"):
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        _tag_experiment(client, experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     view = f"mlflow.sharedViewState.{RESULTS_VIEW}"
     if view not in tags:  # once: a view its users changed stays theirs
         state = json.dumps({"selectedColumns": list(RESULTS_COLUMNS)})
-        client.set_experiment_tag(experiment_id, view, json.dumps(
+        _tag_experiment(client, experiment_id, view, json.dumps(
             {"name": "Results", "createdAt": int(time.time() * 1000), "state": state}))
+
+
+def _tag_experiment(client, experiment_id: str, key: str, value: str) -> None:
+    """MLflow's SQL store looks for the tag, then inserts it: when workers that start together set it
+    at the same moment, PostgreSQL refuses all inserts but one. The tag being there is what counts."""
+    try:
+        client.set_experiment_tag(experiment_id, key, value)
+    except mlflow.exceptions.MlflowException:
+        if key not in client.get_experiment(experiment_id).tags:
+            raise
 
 
 def ui_link(experiment_id: str) -> str:
