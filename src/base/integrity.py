@@ -13,6 +13,7 @@ from .errors import ConfigError
 
 
 def file_digest(path: Path) -> str:
+    # hashlib.file_digest does this from Python 3.11; pyproject.toml still admits 3.10.
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
